@@ -1,0 +1,164 @@
+"""Atomic, verified checkpoints.
+
+Layout under a run's ``checkpoints/`` folder::
+
+    step_00000100/state.pt        torch.save of plain tensors/dicts (loadable with weights_only=True)
+    step_00000100/manifest.json   step, sha256 and size of state.pt, config, code version
+
+A checkpoint is written into a hidden temporary folder, fsynced, and renamed into place, so a
+crash mid-write never leaves a half checkpoint that looks complete: readers only see folders that
+carry a manifest, and a stale temporary folder is ignored (and swept by the next writer). On load
+the size and checksum are verified before unpickling anything, and failures name the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+_PREFIX = "step_"
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or incompatible; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_state(state: dict[str, Any], path: Path) -> None:
+    with path.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON next to `path` and rename it over `path` (readers never see a partial file)."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
+    with tmp.open("w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints (folders with a manifest) under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(_PREFIX) and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write `state` as checkpoint `step` atomically, then prune to the newest `keep_last`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        _write_state(state, tmp / STATE_FILE)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "file": STATE_FILE,
+            "sha256": _sha256(tmp / STATE_FILE),
+            "bytes": (tmp / STATE_FILE).stat().st_size,
+            "created_unix": time.time(),
+            **meta,
+        }
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        _fsync_dir(tmp)
+        if final.exists():  # a rerun of the same step (e.g. after a crash right after saving)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def sweep_stale(root: Path) -> None:
+    """Remove temporary folders left by writes that were killed midway."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(_TMP_PREFIX):
+                log.warning("removing incomplete checkpoint write %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    path = ckpt_dir / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read manifest ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: manifest is not valid JSON ({err.msg})") from None
+    for key in ("format", "step", "sha256", "bytes"):
+        if key not in manifest:
+            raise CheckpointError(f"{path}: manifest lacks field {key!r}")
+    if manifest["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format={manifest['format']!r}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def load_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Verify and load a checkpoint. Returns (state, manifest); raises CheckpointError naming the file."""
+    manifest = read_manifest(ckpt_dir)
+    path = ckpt_dir / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (manifest of step {manifest['step']} names it)")
+    size = path.stat().st_size
+    if size != manifest["bytes"]:
+        raise CheckpointError(f"{path}: truncated or overwritten: {size} bytes, manifest says "
+                              f"{manifest['bytes']}")
+    digest = _sha256(path)
+    if digest != manifest["sha256"]:
+        raise CheckpointError(f"{path}: corrupt: sha256 {digest[:12]}... does not match manifest "
+                              f"{manifest['sha256'][:12]}...; delete {ckpt_dir} to resume from the "
+                              "previous checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # checksum matched but content unreadable: wrong writer or version
+        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+    return state, manifest

@@ -1,0 +1,191 @@
+"""`lmd` command line: train, schedule, presets.
+
+Flags are collected into dotted overrides and handed to `build_config`, which owns every check;
+any invalid input ends with one `lmd: error: ...` line and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lmd.config import SCHEDULERS, ConfigError, build_config
+
+EXIT_USAGE = 2  # bad flags or config values
+EXIT_RUNTIME = 1  # the run itself failed (diverged, corrupt checkpoint, unusable run dir)
+
+# flag -> dotted config field. Only flags the user passed become overrides.
+TRAIN_FLAGS: dict[str, tuple[str, type]] = {
+    "preset": ("model.preset", str),
+    "latent_size": ("model.latent_size", int),
+    "in_chans": ("model.in_chans", int),
+    "patch_size": ("model.patch_size", int),
+    "scheduler": ("mask.scheduler", str),
+    "mask_start": ("mask.start", float),
+    "mask_end": ("mask.end", float),
+    "mask_ramp": ("mask.ramp", float),
+    "eval_ratio": ("mask.eval_ratio", float),
+    "lr": ("optim.lr", float),
+    "warmup_steps": ("optim.warmup_steps", int),
+    "batch_size": ("data.batch_size", int),
+    "num_train": ("data.num_train", int),
+    "steps": ("run.steps", int),
+    "seed": ("run.seed", int),
+    "log_every": ("run.log_every", int),
+    "eval_every": ("run.eval_every", int),
+    "ckpt_every": ("run.ckpt_every", int),
+    "keep_last": ("run.keep_last", int),
+    "device": ("run.device", str),
+    "precision": ("run.precision", str),
+}
+MASK_FLAGS = ("scheduler", "mask_start", "mask_end", "mask_ramp")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags in one line instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{self.prog}: {message}", EXIT_USAGE)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"lmd: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _add_mask_flags(p: argparse.ArgumentParser) -> None:
+    # Choices are checked by build_config so the message names the field (mask.scheduler).
+    p.add_argument("--scheduler", help=f"mask-ratio scheduler: {', '.join(SCHEDULERS)}")
+    p.add_argument("--mask-start", type=float, metavar="F", help="initial mask ratio (default 0.15)")
+    p.add_argument("--mask-end", type=float, metavar="F", help="final mask ratio (default 0.75)")
+    p.add_argument("--mask-ramp", type=float, metavar="F", help="fraction of steps to reach the end (2/3)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmd", description="Latent Masking Diffusion on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train the masked latent transformer")
+    t.add_argument("--config", metavar="FILE", help="YAML or JSON file with model/mask/optim/data/run sections")
+    t.add_argument("--preset", help="model preset (see `lmd presets`); default tiny")
+    t.add_argument("--latent-size", type=int, help="latent grid side (overrides the preset)")
+    t.add_argument("--in-chans", type=int, help="latent channels (overrides the preset)")
+    t.add_argument("--patch-size", type=int, help="patch side in latent pixels (overrides the preset)")
+    _add_mask_flags(t)
+    t.add_argument("--eval-ratio", type=float, metavar="F", help="fixed evaluation mask ratio (0.75)")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--num-train", type=int, help="training samples in the default dataset")
+    t.add_argument("--steps", type=int, help="total optimisation steps (sets the schedules' length)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--log-every", type=int)
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--ckpt-every", type=int)
+    t.add_argument("--keep-last", type=int, help="checkpoints to keep")
+    t.add_argument("--device", help="auto, cpu or cuda")
+    t.add_argument("--precision", help="auto, fp32 or bf16")
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    t.add_argument("--norm-target", action="store_true", default=None, help="per-patch normalised targets")
+    t.add_argument("--run-dir", metavar="DIR", help="where metrics and checkpoints go (default runs/<name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+
+    s = sub.add_parser("schedule", help="print a mask-ratio schedule")
+    _add_mask_flags(s)
+    s.add_argument("--total-steps", type=int, required=True)
+    s.add_argument("--points", type=int, default=21, help="rows to print, evenly spaced (0 = every step)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("presets", help="list model presets with size and cost")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
+    out = {TRAIN_FLAGS[f][0]: getattr(args, f) for f in flags if getattr(args, f) is not None}
+    for flag, dotted in (("compile", "run.compile"), ("norm_target", "model.norm_target")):
+        if getattr(args, flag, None):
+            out[dotted] = True
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmd.checkpoint import CheckpointError
+    from lmd.engine import Engine, NonFiniteLossError, RunDirError
+
+    cfg = build_config(args.config, _overrides(args, list(TRAIN_FLAGS)))
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    elif args.resume:
+        _fail("--resume needs --run-dir (the run to continue)", EXIT_USAGE)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{cfg.model.preset}-{cfg.mask.scheduler}-s{cfg.run.seed}-{stamp}"
+    try:
+        engine = Engine(cfg, run_dir)
+        # SIGTERM (preemption, `ray stop`) and the first Ctrl-C: checkpoint after this step and exit.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: engine.request_stop())
+        result = engine.fit(resume=args.resume)
+    except (CheckpointError, RunDirError, NonFiniteLossError) as err:
+        _fail(str(err), EXIT_RUNTIME)
+    print(json.dumps({"run_dir": str(run_dir), "step": result.step, "final_loss": result.final_loss,
+                      "checkpoint": str(result.last_checkpoint), "metrics": str(result.metrics_path)}))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from lmd.masking import schedule_table
+
+    if args.total_steps <= 0:
+        _fail(f"--total-steps={args.total_steps}: must be > 0", EXIT_USAGE)
+    cfg = build_config(overrides=_overrides(args, MASK_FLAGS), preset=None).mask
+    rows = schedule_table(args.total_steps, cfg, args.points)
+    if args.json:
+        print(json.dumps({"scheduler": cfg.scheduler, "start": cfg.start, "end": cfg.end, "ramp": cfg.ramp,
+                          "total_steps": args.total_steps,
+                          "rows": [{"step": s, "ratio": round(r, 6)} for s, r in rows]}))
+    else:
+        print(f"# scheduler={cfg.scheduler} start={cfg.start} end={cfg.end} ramp={cfg.ramp:.4f}")
+        print(f"{'step':>8}  ratio")
+        for s, r in rows:
+            print(f"{s:>8}  {r:.4f}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from lmd.model import PRESETS, param_count, train_flops_per_sample
+
+    rows = [{"preset": name, "params": param_count(cfg), "tokens": cfg.num_patches,
+             "patch_dim": cfg.patch_dim, "latent": f"{cfg.in_chans}x{cfg.latent_size}x{cfg.latent_size}",
+             "train_gflops_per_sample_at_0.75": round(train_flops_per_sample(cfg, 0.75) / 1e9, 3)}
+            for name, cfg in PRESETS.items()]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'preset':<10}{'params':>14}{'latent':>10}{'tokens':>8}{'GFLOP/sample (train, r=.75)':>30}")
+        for r in rows:
+            print(f"{r['preset']:<10}{r['params']:>14,}{r['latent']:>10}{r['tokens']:>8}"
+                  f"{r['train_gflops_per_sample_at_0.75']:>30}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"train": cmd_train, "schedule": cmd_schedule, "presets": cmd_presets}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as err:
+        _fail(str(err), EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The LMD training loop in plain PyTorch: steps, evaluation, metrics, checkpoints and resume.
+
+No Ray here: the Ray Train layer wraps `Engine` and reuses its step, evaluation and state
+methods. Determinism is by construction: the batch at step t, the mask noise at step t and the
+evaluation masks are pure functions of (seed, t), so a run's data position is its step count and
+stop + resume reproduces an uninterrupted run bit for bit on CPU.
+
+The step never synchronises host and device: losses stay on the device and are read back only
+every `run.log_every` steps, where the non-finite check happens (and always before a checkpoint
+is written, so a diverged model is never saved over the last good one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from lmd import code_version
+from lmd.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    sweep_stale,
+    write_json_atomic,
+)
+from lmd.config import OptimConfig, TrainConfig, config_diff
+from lmd.data.memory import InMemoryLatents, synthetic_latents
+from lmd.masking import mask_ratio
+from lmd.model import MaskedLatentTransformer, build_model
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+EVAL_SEED = 20_240_101  # evaluation masks are the same at every eval, in every run
+DATA_SEED = 1234  # the synthetic dataset does not change with the run seed
+# Fields that may change between a run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = {"run.log_every", "run.eval_every", "run.ckpt_every", "run.keep_last", "run.device",
+                     "run.precision", "run.compile"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. it already holds a run and --resume is absent)."""
+
+
+class BatchSource(Protocol):
+    """Anything that returns the training batch of a global step: [B, C, H, W]."""
+
+    def batch(self, step: int) -> torch.Tensor: ...
+
+
+@dataclass
+class FitResult:
+    step: int
+    final_loss: float
+    last_checkpoint: Path | None
+    metrics_path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunDirError("run.device='cuda': no CUDA device is visible to this process")
+    return torch.device(name)
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then half-cosine decay from `lr` to `min_lr`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay on norms, biases and the learned tokens (as MAE)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith("_token") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # One fused kernel per step on GPU; the multi-tensor path on CPU.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of the mask noise at (seed, step, rank): distinct streams, no state to carry."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def default_data(cfg: TrainConfig) -> tuple[InMemoryLatents, torch.Tensor]:
+    """The embedded default dataset: synthetic smooth latents shaped for the model."""
+    m, d = cfg.model, cfg.data
+    train = synthetic_latents(d.num_train, m.in_chans, m.latent_size, seed=DATA_SEED)
+    val = synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=DATA_SEED + 1)
+    return InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Engine:
+    """Owns the model, optimizer, data and run directory of one training run."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource | None = None,
+                 val_latents: torch.Tensor | None = None, device: torch.device | None = None):
+        self.cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.device = device or resolve_device(cfg.run.device)
+        use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        if train_data is None:
+            train_data, val_latents = default_data(cfg)
+        self.data = train_data
+        self.val_latents = val_latents
+
+        torch.manual_seed(cfg.run.seed)  # weight init is a function of the seed
+        self.model: MaskedLatentTransformer = build_model(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.forward = self.model
+        if cfg.run.compile:
+            # Each distinct visible-token count is its own static-shape graph; allow all of them.
+            torch._dynamo.config.recompile_limit = max(8, cfg.model.num_patches + 1)
+            self.forward = torch.compile(self.model)
+        self.noise_gen = torch.Generator(device=self.device)
+        self.step = 0
+        self.wall_offset = 0.0
+        self._stop_requested = False
+
+    # ---------------------------------------------------------------- one step, evaluation
+    def train_step(self, latents: torch.Tensor, ratio: float, noise: torch.Tensor) -> torch.Tensor:
+        """One optimisation step. latents: [B, C, H, W]; noise: [B, L]. Returns the loss (on device)."""
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss, _, _ = self.forward(latents, ratio, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+    def mask_noise(self, batch_size: int, step: int, rank: int = 0) -> torch.Tensor:
+        self.noise_gen.manual_seed(step_seed(self.cfg.run.seed, step, rank))
+        return torch.rand(batch_size, self.cfg.model.num_patches, device=self.device, generator=self.noise_gen)
+
+    @torch.no_grad()
+    def evaluate(self, ratio: float) -> float:
+        """Masked-patch MSE on the validation latents at `ratio`, with masks fixed across evals."""
+        if self.val_latents is None:
+            return float("nan")
+        self.model.eval()
+        gen = torch.Generator(device=self.device)
+        total, count = torch.zeros((), device=self.device), 0
+        bs = self.cfg.data.batch_size
+        for i in range(0, self.val_latents.shape[0], bs):
+            chunk = self.val_latents[i:i + bs].to(self.device, non_blocking=True)
+            gen.manual_seed(EVAL_SEED + i)
+            noise = torch.rand(chunk.shape[0], self.cfg.model.num_patches, device=self.device, generator=gen)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss, _, _ = self.model(chunk, ratio, noise)
+            total += loss.float() * chunk.shape[0]
+            count += chunk.shape[0]
+        return (total / count).item()
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "wall_seconds": self.wall_offset, "rng": _rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.wall_offset = float(state["wall_seconds"])
+        _set_rng_state(state["rng"])
+
+    def request_stop(self) -> None:
+        """Finish the current step, checkpoint and return (used for SIGTERM / preemption)."""
+        self._stop_requested = True
+
+    # ---------------------------------------------------------------- the loop
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.checkpoint_root)
+        latest = latest_checkpoint(self.checkpoint_root)
+        if not resume and (latest is not None or (self.run_dir / CONFIG_FILE).exists()):
+            raise RunDirError(f"run dir {self.run_dir} already holds a run"
+                              f"{f' (checkpoint {latest.name})' if latest else ''}: pass --resume to "
+                              "continue it, or choose a new --run-dir")
+        if resume and latest is not None:
+            state, manifest = load_checkpoint(latest, map_location=self.device)
+            saved = TrainConfig.from_dict(manifest["config"])
+            changed = [f for f in config_diff(saved, self.cfg) if f not in RESUMABLE_CHANGES]
+            if changed:
+                raise CheckpointError(f"{latest}: cannot resume with a different config; changed fields: "
+                                      f"{', '.join(changed)}")
+            self.load_state_dict(state)
+            log.info("resumed from %s (step %d)", latest, self.step)
+        elif resume:
+            log.info("--resume: no checkpoint in %s, starting from step 0", self.checkpoint_root)
+        self._truncate_metrics(self.step)
+        write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop rows newer than the resumed step, so the history has each step once."""
+        if not self.metrics_path.exists():
+            return
+        rows = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(self.metrics_path)
+
+    def save(self) -> Path:
+        meta = {"config": self.cfg.to_dict(), "code_version": code_version(),
+                "samples_seen": self.step * self.cfg.data.batch_size}
+        return save_checkpoint(self.checkpoint_root, self.step, self.state_dict(), meta, self.cfg.run.keep_last)
+
+    def fit(self, resume: bool = False, stop_at: int | None = None) -> FitResult:
+        """Train to `run.steps` (or to `stop_at`, checkpointing there). Returns the final figures."""
+        self._prepare_run_dir(resume)
+        run, total = self.cfg.run, self.cfg.run.steps
+        end = min(total, stop_at) if stop_at is not None else total
+        pending: list[torch.Tensor] = []  # losses not yet read back from the device
+        last_loss, last_ckpt = float("nan"), latest_checkpoint(self.checkpoint_root)
+        started = time.perf_counter() - self.wall_offset
+
+        with self.metrics_path.open("a") as metrics:
+            while self.step < end:
+                ratio = mask_ratio(self.step, total, self.cfg.mask)
+                lr = lr_at(self.step, total, self.cfg.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                latents = self.data.batch(self.step).to(self.device, non_blocking=True)
+                noise = self.mask_noise(latents.shape[0], self.step)
+                pending.append(self.train_step(latents, ratio, noise))
+                self.step += 1
+                self.wall_offset = time.perf_counter() - started
+
+                stopping = self.step == end or self._stop_requested
+                do_eval = self.step % run.eval_every == 0 or stopping
+                do_ckpt = self.step % run.ckpt_every == 0 or stopping
+                if self.step % run.log_every == 0 or do_eval or do_ckpt:
+                    losses = torch.stack(pending).float().tolist()  # the one sync per log interval
+                    pending.clear()
+                    bad = [v for v in losses if not math.isfinite(v)]
+                    if bad:
+                        raise NonFiniteLossError(
+                            f"loss became {bad[0]} before step {self.step}; stopped without saving. "
+                            f"Last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr or raise "
+                            "optim.warmup_steps.")
+                    last_loss = losses[-1]
+                    row: dict[str, Any] = {
+                        "step": self.step, "samples_seen": self.step * latents.shape[0],
+                        "wall_seconds": round(self.wall_offset, 4), "loss": sum(losses) / len(losses),
+                        "loss_last": last_loss, "mask_ratio": ratio, "lr": lr}
+                    if do_eval:
+                        row["val_masked_mse"] = self.evaluate(ratio)
+                        row["val_masked_mse_fixed"] = self.evaluate(self.cfg.mask.eval_ratio)
+                        row["eval_ratio"] = self.cfg.mask.eval_ratio
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    log.info("step %d/%d loss %.5f ratio %.3f lr %.2e%s", self.step, total, row["loss"], ratio,
+                             lr, f" val {row['val_masked_mse_fixed']:.5f}" if do_eval else "")
+                if do_ckpt:
+                    last_ckpt = self.save()
+                if self._stop_requested:
+                    log.info("stop requested: checkpointed at step %d", self.step)
+                    break
+        return FitResult(self.step, last_loss, last_ckpt, self.metrics_path)
