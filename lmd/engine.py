@@ -144,6 +144,8 @@ class Engine:
         self.device = device or resolve_device(cfg.run.device)
         use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts (optimizer-side matmuls, eval)
         if train_data is None:
             train_data, val_latents = default_data(cfg)
         self.data = train_data

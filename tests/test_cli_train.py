@@ -1,0 +1,76 @@
+"""`lmd train` as users run it: the documented command, a SIGKILL mid-run and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmd.checkpoint import latest_checkpoint, load_checkpoint
+
+# One thread in every child: bit-identical results need the same reduction order.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _lmd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmd.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def test_documented_train_command_runs_on_default_data(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _lmd("train", "--preset", "tiny", "--scheduler", "cosine", "--steps", "200", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 200
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 200 and rows[-1]["loss"] < rows[0]["loss"]
+    assert json.loads((run_dir / "config.json").read_text())["mask"]["scheduler"] == "cosine"
+
+
+def test_resume_on_an_unfinished_run_dir_requires_the_flag(tmp_path):
+    run_dir = tmp_path / "run"
+    assert _lmd("train", "--steps", "10", "--run-dir", str(run_dir)).returncode == 0
+    proc = _lmd("train", "--steps", "10", "--run-dir", str(run_dir))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"lmd: error: run dir {run_dir} already holds a run (checkpoint step_00000010): pass --resume to "
+        "continue it, or choose a new --run-dir"]
+
+
+def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    state, manifest = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    assert manifest["step"] == 600
+    return state["model"]
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    common = ["train", "--steps", "600", "--ckpt-every", "50", "--eval-every", "300", "--batch-size", "16"]
+    straight = _lmd(*common, "--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([sys.executable, "-m", "lmd.cli", *common, "--run-dir", str(crashed)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(crashed / "checkpoints") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(crashed / "checkpoints")
+    assert killed_at is not None and killed_at.name != "step_00000600", "the run finished before the kill"
+
+    resumed = _lmd(*common, "--run-dir", str(crashed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {killed_at}" in resumed.stderr
+
+    a, b = _final_model(tmp_path / "straight"), _final_model(crashed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "a step was logged twice after the resume"

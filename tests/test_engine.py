@@ -1,0 +1,183 @@
+"""The training loop: resume equality, atomic and verified checkpoints, divergence handling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import lmd.checkpoint as ckpt
+from lmd.checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint
+from lmd.config import OptimConfig
+from lmd.engine import Engine, NonFiniteLossError, RunDirError, default_data, lr_at
+
+from .conftest import tiny_config
+
+
+def _metrics(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("wall_seconds")
+    return rows
+
+
+def _params(engine: Engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in engine.model.state_dict().items()}
+
+
+def test_stop_and_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    cfg = tiny_config(**{"run.steps": 20, "run.ckpt_every": 10})
+    straight = Engine(cfg, tmp_path / "a")
+    straight.fit()
+
+    first = Engine(cfg, tmp_path / "b")
+    assert first.fit(stop_at=10).step == 10
+    resumed = Engine(cfg, tmp_path / "b")  # a fresh process would build a fresh engine
+    resumed.fit(resume=True)
+
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_metrics_rows_carry_the_documented_fields(tmp_path):
+    Engine(tiny_config(), tmp_path).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, 21, 2))
+    for key in ("samples_seen", "wall_seconds", "loss", "mask_ratio", "lr"):
+        assert all(key in r for r in rows)
+    evals = [r for r in rows if "val_masked_mse" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(math.isfinite(r["val_masked_mse_fixed"]) and r["eval_ratio"] == 0.75 for r in evals)
+    assert rows[-1]["samples_seen"] == 20 * 8
+    assert rows[0]["mask_ratio"] < rows[-1]["mask_ratio"] == pytest.approx(0.75)
+
+
+def test_default_run_learns(tmp_path):
+    cfg = tiny_config(**{"run.steps": 150, "run.eval_every": 150, "data.batch_size": 32, "data.num_train": 512,
+                         "data.num_val": 64})
+    Engine(cfg, tmp_path).fit()
+    rows = _metrics(tmp_path)
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+
+
+def test_keeps_only_the_last_k_checkpoints(tmp_path):
+    Engine(tiny_config(**{"run.ckpt_every": 4, "run.keep_last": 2}), tmp_path).fit()
+    assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == ["step_00000016", "step_00000020"]
+
+
+def test_existing_run_dir_is_refused_without_resume(tmp_path):
+    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    with pytest.raises(RunDirError, match="already holds a run.*--resume"):
+        Engine(tiny_config(), tmp_path).fit()
+
+
+def test_resume_with_a_changed_config_names_the_fields(tmp_path):
+    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    changed = tiny_config(**{"mask.end": 0.6, "run.log_every": 5})  # log_every may change; mask.end may not
+    with pytest.raises(CheckpointError, match=r"changed fields: mask\.end$"):
+        Engine(changed, tmp_path).fit(resume=True)
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    engine = Engine(tiny_config(), tmp_path)
+    engine.fit(stop_at=10)
+
+    def write_half_then_die(state, path):
+        path.write_bytes(b"PK\x03\x04 partial")
+        raise OSError("disk went away mid-write")
+
+    monkeypatch.setattr(ckpt, "_write_state", write_half_then_die)
+    engine.step = 12
+    with pytest.raises(OSError, match="mid-write"):
+        engine.save()
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    assert latest.name == "step_00000010"
+    state, manifest = load_checkpoint(latest)
+    assert state["step"] == manifest["step"] == 10
+
+
+def test_a_write_killed_before_rename_is_ignored_and_swept(tmp_path):
+    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    stale = tmp_path / "checkpoints" / ".tmp-step_00000020-deadbeef"
+    stale.mkdir()
+    (stale / "state.pt").write_bytes(b"\x00" * 100)  # what SIGKILL during torch.save leaves behind
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000010"
+    resumed = Engine(tiny_config(), tmp_path)
+    assert resumed.fit(resume=True).step == 20
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: _flip_byte(d / "state.pt"), "corrupt: sha256"),
+    (lambda d: _truncate(d / "state.pt"), "truncated"),
+    (lambda d: (d / "state.pt").unlink(), "missing"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "manifest is not valid JSON"),
+])
+def test_damaged_checkpoint_is_refused_with_a_clear_message(tmp_path, damage, message):
+    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    damage(latest)
+    with pytest.raises(CheckpointError, match=message) as err:
+        Engine(tiny_config(), tmp_path).fit(resume=True)
+    assert str(latest) in str(err.value)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+class _PoisonedData:
+    """Clean batches until `bad_step`, then NaNs: a stand-in for a diverging run."""
+
+    def __init__(self, inner, bad_step):
+        self.inner, self.bad_step = inner, bad_step
+
+    def batch(self, step):
+        batch = self.inner.batch(step)
+        return batch * float("nan") if step >= self.bad_step else batch
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config()
+    data, val = default_data(cfg)
+    engine = Engine(cfg, tmp_path, train_data=_PoisonedData(data, bad_step=13), val_latents=val)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan before step 14.*step_00000010"):
+        engine.fit()
+    assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == ["step_00000010"]
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_request_stop_checkpoints_at_the_current_step(tmp_path):
+    engine = Engine(tiny_config(**{"run.ckpt_every": 100, "run.steps": 50}), tmp_path)
+    original = engine.train_step
+
+    def stop_after_seven(*args):
+        if engine.step == 6:
+            engine.request_stop()
+        return original(*args)
+
+    engine.train_step = stop_after_seven
+    assert engine.fit().step == 7
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000007"
+
+
+def test_lr_warms_up_then_decays_to_min():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    assert lr_at(0, 100, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, 100, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, 100, cfg) == pytest.approx(1e-5)
+    values = [lr_at(s, 100, cfg) for s in range(10, 101)]
+    assert all(b <= a for a, b in zip(values, values[1:], strict=False))
