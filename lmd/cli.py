@@ -103,6 +103,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--points", type=int, default=21, help="rows to print, evenly spaced (0 = every step)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    pt = sub.add_parser("projector-train", help="train the project's own f8c4 projector on the bundled photos")
+    pt.add_argument("--out", metavar="FILE", help="weights file (default: the package's bundled weights)")
+    pt.add_argument("--steps", type=int, default=20_000)
+    pt.add_argument("--batch-size", type=int, default=32)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--encoder-width", type=int, default=32)
+    pt.add_argument("--decoder-width", type=int, default=64)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this long (0 = no limit)")
+    pt.add_argument("--eval-crops", type=int, default=256, help="held-out crops per resolution for the PSNR")
+    pt.add_argument("--no-augment", action="store_true", help="crops and flips only (no rot90 / channel shuffles)")
+    pt.add_argument("--init", default="", metavar="FILE", help="start from these projector weights (fine-tune)")
+    pt.add_argument("--device", default="auto")
+
     p = sub.add_parser("presets", help="list model presets with size and cost")
     p.add_argument("--json", action="store_true")
     return parser
@@ -160,6 +174,26 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_projector_train(args: argparse.Namespace) -> int:
+    from lmd.engine import resolve_device
+    from lmd.projector import bundled_weights_path
+    from lmd.projector.train import ProjectorTrainConfig, train_projector
+
+    cfg = ProjectorTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               encoder_width=args.encoder_width, decoder_width=args.decoder_width, seed=args.seed,
+                               max_minutes=args.max_minutes, eval_crops=args.eval_crops,
+                               augment=not args.no_augment, init=args.init)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        _fail(str(err), EXIT_USAGE)
+    out = Path(args.out) if args.out else bundled_weights_path()
+    card = train_projector(cfg, out, resolve_device(args.device))
+    print(json.dumps({"out": str(out), **{k: v for k, v in card.items() if k.startswith("heldout") or k in
+                                          ("steps_done", "train_seconds", "device")}}))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from lmd.model import PRESETS, param_count, train_flops_per_sample
 
@@ -180,7 +214,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"train": cmd_train, "schedule": cmd_schedule, "presets": cmd_presets}
+    handlers = {"train": cmd_train, "schedule": cmd_schedule, "presets": cmd_presets,
+                "projector-train": cmd_projector_train}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -157,7 +157,8 @@ class Engine:
         self.forward = self.model
         if cfg.run.compile:
             # Each distinct visible-token count is its own static-shape graph; allow all of them.
-            torch._dynamo.config.recompile_limit = max(8, cfg.model.num_patches + 1)
+            limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, limit_name, max(8, cfg.model.num_patches + 1))
             self.forward = torch.compile(self.model)
         self.noise_gen = torch.Generator(device=self.device)
         self.step = 0

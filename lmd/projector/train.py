@@ -1,0 +1,161 @@
+"""Train the project's own f8c4 projector (`lmd projector-train`) on the bundled photos.
+
+Why our own: no pip package ships SD-VAE / TAESD weights and these machines cannot reach a model
+hub, so the default projector is made here, reproducibly (fixed seed, bundled photos only), and
+its weights are committed with a model card. Architecture: TAESD layout (see taesd.py) with a
+narrow encoder (so encoding the default dataset on 2 CPU cores stays under 2 minutes) and the
+official-width decoder (reconstruction quality). Loss: pixel MSE, which is what PSNR measures.
+
+Crops are drawn on the fly from the training photos, alternating 128 px and 64 px batches so the
+fully convolutional model is good at both resolutions the project uses. After training, the
+latent scale/shift are fitted on training crops (unit variance for the transformer) and the
+held-out PSNR at 64 and 128 px is measured on photos never seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmd.data.images import HELDOUT, BundledPhotos
+from lmd.projector.loaders import TAESDProjector
+from lmd.projector.quality import heldout_psnr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProjectorTrainConfig:
+    steps: int = 20_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 500
+    encoder_width: int = 32
+    decoder_width: int = 64
+    latent_channels: int = 4
+    resolutions: tuple[int, ...] = (128, 64)  # alternated step by step
+    seed: int = 0
+    max_minutes: float = 0.0  # 0 = no limit; otherwise stop early (the card records the steps done)
+    eval_crops: int = 256
+    # Extra augmentation (random 90-degree rotations and RGB channel permutations) on top of the
+    # crops' flips and rescales: 25 training photos are few, and the held-out gap is the limit.
+    augment: bool = True
+    init: str = ""  # start from these weights (a .safetensors of this project), e.g. to fine-tune
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "encoder_width", "decoder_width", "latent_channels", "eval_crops"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"projector.{name}={getattr(self, name)!r}: must be > 0")
+        if any(r % 8 for r in self.resolutions):
+            raise ValueError(f"projector.resolutions={self.resolutions!r}: each must be divisible by 8")
+
+
+def _lr(step: int, cfg: ProjectorTrainConfig, elapsed_s: float = 0.0) -> float:
+    """Warm-up then cosine decay; under a time limit the decay follows whichever of steps or time
+    runs out first, so a budgeted run still ends at min_lr instead of being cut at a high LR."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.max_minutes:
+        progress = max(progress, elapsed_s / (60 * cfg.max_minutes))
+    progress = min(progress, 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def fit_scale_shift(proj: TAESDProjector, device: torch.device, num: int = 512, seed: int = 1) -> tuple[float, float]:
+    """Scalar shift/scale that give the training latents zero mean and unit variance."""
+    photos = BundledPhotos("train", 128, num, seed=seed)
+    raw = torch.cat([proj.encode_raw(photos.images(i, i + 64, device=device)) for i in range(0, num, 64)])
+    return 1.0 / raw.float().std().item(), raw.float().mean().item()
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random rot90 and channel permutation. images: [N, 3, R, R]."""
+    out = torch.empty_like(images)
+    rots = torch.randint(4, (images.shape[0],), generator=generator).tolist()
+    for i, k in enumerate(rots):
+        perm = torch.randperm(3, generator=generator).to(images.device)
+        out[i] = torch.rot90(images[i], k, dims=(1, 2))[perm]
+    return out
+
+
+def train_projector(cfg: ProjectorTrainConfig, out: Path, device: torch.device) -> dict:
+    """Train, fit scale/shift, evaluate on held-out photos, and write `out` (.safetensors) + its card."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    proj = TAESDProjector(cfg.latent_channels, cfg.encoder_width, cfg.decoder_width, name="lmd-f8c4")
+    if cfg.init:
+        start_from = TAESDProjector.load(cfg.init)
+        proj.encoder.load_state_dict(start_from.encoder.state_dict())
+        proj.decoder.load_state_dict(start_from.decoder.state_dict())
+        prior = start_from.card
+    proj = proj.to(device)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    proj = proj.to(memory_format=torch.channels_last)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused,
+                            foreach=not fused)
+    amp = device.type == "cuda"
+    sources = {r: BundledPhotos("train", r, num=cfg.steps * cfg.batch_size, seed=cfg.seed) for r in cfg.resolutions}
+    start, done, recent = time.perf_counter(), 0, []
+    for step in range(cfg.steps):
+        res = cfg.resolutions[step % len(cfg.resolutions)]
+        first = step * cfg.batch_size
+        images = sources[res].images(first, first + cfg.batch_size, device=device)
+        images = augment(images, aug_gen) if cfg.augment else images
+        images = images.contiguous(memory_format=torch.channels_last)
+        lr = _lr(step, cfg, time.perf_counter() - start)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            recon = proj.decode_raw(proj.encode_raw(images))
+        loss = F.mse_loss(recon.float(), images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(proj.parameters(), 1.0)
+        opt.step()
+        recent.append(loss.detach())
+        done = step + 1
+        if done % 250 == 0 or done == cfg.steps:
+            mse = torch.stack(recent).mean().item()
+            recent.clear()
+            log.info("step %d/%d  train mse %.5f (~%.2f dB)  lr %.2e  %.0fs", done, cfg.steps, mse,
+                     -10 * math.log10(max(mse, 1e-12)), lr, time.perf_counter() - start)
+            if not math.isfinite(mse):
+                raise RuntimeError(f"projector training diverged at step {done}; lower --lr")
+        if cfg.max_minutes and time.perf_counter() - start > 60 * cfg.max_minutes:
+            log.warning("time limit of %.1f min reached at step %d of %d", cfg.max_minutes, done, cfg.steps)
+            break
+    seconds = time.perf_counter() - start
+
+    proj = proj.float().to(memory_format=torch.contiguous_format).eval()
+    proj.scale, proj.shift = fit_scale_shift(proj, device)
+    quality = {f"heldout_psnr_{r}": round(heldout_psnr(proj, r, cfg.eval_crops, device=device), 3) for r in (64, 128)}
+    card = {
+        "config": asdict(cfg), "steps_done": done, "train_seconds": round(seconds, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "train_photos": BundledPhotos("train", 128, 1).photos,
+        "heldout_photos": sorted(HELDOUT), "scale": proj.scale, "shift": proj.shift,
+        "params": sum(p.numel() for p in proj.parameters()), **quality,
+    }
+    if cfg.init:
+        card["initialised_from"] = prior
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    proj.cpu().save(tmp, card)
+    os.replace(tmp, out)
+    out.chmod(0o644)  # safetensors creates files owner-only; the weights ship in the package
+    out.with_suffix(".card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s: held-out PSNR %s", out, quality)
+    return card
