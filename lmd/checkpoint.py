@@ -38,7 +38,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or incompatible; the message names the file."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -46,7 +46,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -98,17 +98,17 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], meta: dict[str
             "format": FORMAT_VERSION,
             "step": step,
             "file": STATE_FILE,
-            "sha256": _sha256(tmp / STATE_FILE),
+            "sha256": sha256_file(tmp / STATE_FILE),
             "bytes": (tmp / STATE_FILE).stat().st_size,
             "created_unix": time.time(),
             **meta,
         }
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a rerun of the same step (e.g. after a crash right after saving)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -152,7 +152,7 @@ def load_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") ->
     if size != manifest["bytes"]:
         raise CheckpointError(f"{path}: truncated or overwritten: {size} bytes, manifest says "
                               f"{manifest['bytes']}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != manifest["sha256"]:
         raise CheckpointError(f"{path}: corrupt: sha256 {digest[:12]}... does not match manifest "
                               f"{manifest['sha256'][:12]}...; delete {ckpt_dir} to resume from the "

@@ -34,6 +34,11 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "eval_ratio": ("mask.eval_ratio", float),
     "lr": ("optim.lr", float),
     "warmup_steps": ("optim.warmup_steps", int),
+    "dataset": ("data.dataset", str),
+    "projector": ("data.projector", str),
+    "resolution": ("data.resolution", int),
+    "latents": ("data.latents", str),
+    "loader": ("data.loader", str),
     "batch_size": ("data.batch_size", int),
     "num_train": ("data.num_train", int),
     "steps": ("run.steps", int),
@@ -82,8 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-ratio", type=float, metavar="F", help="fixed evaluation mask ratio (0.75)")
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--dataset", help="bundled (default), mnist, synthetic, or a directory of images")
+    t.add_argument("--projector", help="lmd-f8c4 (default), identity (pixel space), taesd:DIR, sdvae:DIR or a file")
+    t.add_argument("--resolution", type=int, help="image side in pixels (default: preset latent_size x 8)")
+    t.add_argument("--latents", metavar="DIR", help="store from `lmd precompute` (default: a cached one)")
+    t.add_argument("--loader", help="auto (default: memory if it fits, else Ray Data), ray or memory")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--num-train", type=int, help="training samples in the default dataset")
+    t.add_argument("--num-train", type=int, help="training images (crops for the bundled photos)")
     t.add_argument("--steps", type=int, help="total optimisation steps (sets the schedules' length)")
     t.add_argument("--seed", type=int)
     t.add_argument("--log-every", type=int)
@@ -117,6 +127,16 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--init", default="", metavar="FILE", help="start from these projector weights (fine-tune)")
     pt.add_argument("--device", default="auto")
 
+    pc = sub.add_parser("precompute", help="encode a dataset into a Parquet latent store (OUT/train, OUT/val)")
+    pc.add_argument("--dataset", default="bundled", help="bundled, mnist, or a directory of images")
+    pc.add_argument("--projector", default="lmd-f8c4", help="lmd-f8c4, identity, taesd:DIR, sdvae:DIR or a file")
+    pc.add_argument("--resolution", type=int, default=128)
+    pc.add_argument("--out", required=True, metavar="DIR")
+    pc.add_argument("--limit", type=int, help="training items (bundled: number of crops, default 2048)")
+    pc.add_argument("--num-val", type=int, help="held-out items (bundled: default 256)")
+    pc.add_argument("--shard-size", type=int, default=512)
+    pc.add_argument("--batch-size", type=int, default=64)
+
     p = sub.add_parser("presets", help="list model presets with size and cost")
     p.add_argument("--json", action="store_true")
     return parser
@@ -132,7 +152,10 @@ def _overrides(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lmd.checkpoint import CheckpointError
+    from lmd.data.images import ImageSourceError
+    from lmd.data.store import StoreError
     from lmd.engine import Engine, NonFiniteLossError, RunDirError
+    from lmd.projector import ProjectorError
 
     cfg = build_config(args.config, _overrides(args, list(TRAIN_FLAGS)))
     if args.run_dir:
@@ -148,10 +171,40 @@ def cmd_train(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: engine.request_stop())
         result = engine.fit(resume=args.resume)
-    except (CheckpointError, RunDirError, NonFiniteLossError) as err:
+    except (CheckpointError, RunDirError, NonFiniteLossError, StoreError, ProjectorError, ImageSourceError) as err:
         _fail(str(err), EXIT_RUNTIME)
+    finally:
+        _shutdown_ray()
     print(json.dumps({"run_dir": str(run_dir), "step": result.step, "final_loss": result.final_loss,
                       "checkpoint": str(result.last_checkpoint), "metrics": str(result.metrics_path)}))
+    return 0
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:  # only if this run started Ray (a streamed store)
+        import ray
+
+        ray.shutdown()
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from lmd.data.images import ImageSourceError
+    from lmd.data.latents import build_store
+    from lmd.data.store import StoreError
+    from lmd.projector import ProjectorError, load_projector
+
+    for flag in ("resolution", "limit", "num_val", "shard_size", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            _fail(f"--{flag.replace('_', '-')}={value}: must be > 0", EXIT_USAGE)
+    try:
+        projector = load_projector(args.projector)
+        projector.latent_shape(args.resolution)  # checks the resolution against the downsampling factor
+        root = build_store(Path(args.out), args.dataset, projector, args.resolution, args.limit, args.num_val,
+                           shard_size=args.shard_size, batch_size=args.batch_size)
+    except (StoreError, ProjectorError, ImageSourceError) as err:
+        _fail(str(err), EXIT_RUNTIME)
+    print(json.dumps({"store": str(root), "projector": projector.info()}))
     return 0
 
 
@@ -215,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"train": cmd_train, "schedule": cmd_schedule, "presets": cmd_presets,
-                "projector-train": cmd_projector_train}
+                "projector-train": cmd_projector_train, "precompute": cmd_precompute}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -24,7 +24,10 @@ import yaml
 SCHEDULERS = ("uniform", "piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-DATASETS = ("synthetic",)
+DATASETS = ("bundled", "mnist", "synthetic")  # or a directory of images
+LOADERS = ("auto", "ray", "memory")
+PIXEL_PROJECTORS = ("identity",)  # projectors that keep pixel space (f=1, 3 channels)
+LATENT_FACTOR = 8  # presets describe f8 latents: latent_size * 8 = image resolution
 
 
 class ConfigError(ValueError):
@@ -123,16 +126,33 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where latents come from and how they are batched."""
+    """Where latents come from and how they are batched.
 
-    dataset: str = "synthetic"
+    `dataset` images are encoded by `projector` at `resolution` into a Parquet latent store
+    (`latents`, or a cached default store built on first use), streamed by Ray Data (`loader=ray`)
+    or held in memory (`loader=memory`); `auto` holds stores up to `memory_limit_mb` (decoded) in
+    memory and streams larger ones. Both give the same batches at every step. `synthetic` skips
+    images and projector altogether.
+    """
+
+    dataset: str = "bundled"
+    projector: str = "lmd-f8c4"
+    resolution: int = 0  # image side in pixels; 0 = the model preset's latent_size * 8
+    latents: str = ""  # a store made by `lmd precompute` (with train/ and val/); "" = the cached default
+    loader: str = "auto"
+    memory_limit_mb: int = 2048
     batch_size: int = 64
     num_train: int = 2048
     num_val: int = 256
 
     def validate(self) -> None:
-        _require(self.dataset in DATASETS, "data.dataset", self.dataset,
-                 f"unknown dataset; choose one of {', '.join(DATASETS)}")
+        _require(self.dataset in DATASETS or Path(self.dataset).is_dir(), "data.dataset", self.dataset,
+                 f"neither one of {', '.join(DATASETS)} nor an existing directory of images")
+        _require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {', '.join(LOADERS)}")
+        _require(self.resolution >= 0 and self.resolution % LATENT_FACTOR == 0, "data.resolution", self.resolution,
+                 f"must be a positive multiple of {LATENT_FACTOR}")
+        _require(not self.latents or Path(self.latents).is_dir(), "data.latents", self.latents,
+                 "no such directory (make one with `lmd precompute`)")
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be > 0")
         _require(self.num_train >= self.batch_size, "data.num_train", self.num_train,
                  f"must be >= data.batch_size={self.batch_size}")
@@ -286,8 +306,35 @@ def build_config(
             raise ConfigError(f"{dotted}={value!r}: unknown field of {section}; known: {', '.join(fields)}")
         sections[section][key] = _coerce(dotted, value, fields[key])
 
+    _derive_geometry(sections, explicit={k for k in values if k.startswith("model.")})
     cfg = TrainConfig(**{name: SECTIONS[name](**body) for name, body in sections.items()})
     return cfg.validate()
+
+
+def _derive_geometry(sections: dict[str, dict[str, Any]], explicit: set[str]) -> None:
+    """Tie the model's input geometry to the data unless the user set it explicitly.
+
+    Presets describe f8 latents. `data.resolution` (when set) fixes the latent side; in pixel
+    space (`projector: identity`) the input is the image itself, so the side and the patch grow by
+    8 and channels become 3, keeping the token count, and so the transformer's cost per token
+    layout, equal to the latent variant's: the "without projector" ablation changes only the space.
+    """
+    model, data = sections["model"], sections["data"]
+    base = ModelConfig(**model)
+    latent_side = base.latent_size
+    resolution = data.get("resolution", 0)
+    if resolution and "model.latent_size" not in explicit:
+        latent_side = resolution // LATENT_FACTOR
+    data["resolution"] = resolution or latent_side * LATENT_FACTOR
+    if data.get("projector", DataConfig.projector) in PIXEL_PROJECTORS and data.get("dataset") != "synthetic":
+        if "model.latent_size" not in explicit:
+            model["latent_size"] = latent_side * LATENT_FACTOR
+        if "model.patch_size" not in explicit:
+            model["patch_size"] = base.patch_size * LATENT_FACTOR
+        if "model.in_chans" not in explicit:
+            model["in_chans"] = 3
+    elif "model.latent_size" not in explicit:
+        model["latent_size"] = latent_side
 
 
 def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:

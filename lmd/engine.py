@@ -12,6 +12,7 @@ is written, so a diverged model is never saved over the last good one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from lmd.checkpoint import (
     write_json_atomic,
 )
 from lmd.config import OptimConfig, TrainConfig, config_diff
-from lmd.data.memory import InMemoryLatents, synthetic_latents
+from lmd.data.latents import prepare_data
 from lmd.masking import mask_ratio
 from lmd.model import MaskedLatentTransformer, build_model
 
@@ -44,7 +45,6 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 EVAL_SEED = 20_240_101  # evaluation masks are the same at every eval, in every run
-DATA_SEED = 1234  # the synthetic dataset does not change with the run seed
 # Fields that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"run.log_every", "run.eval_every", "run.ckpt_every", "run.keep_last", "run.device",
                      "run.precision", "run.compile"}
@@ -105,14 +105,6 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-def default_data(cfg: TrainConfig) -> tuple[InMemoryLatents, torch.Tensor]:
-    """The embedded default dataset: synthetic smooth latents shaped for the model."""
-    m, d = cfg.model, cfg.data
-    train = synthetic_latents(d.num_train, m.in_chans, m.latent_size, seed=DATA_SEED)
-    val = synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=DATA_SEED + 1)
-    return InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val
-
-
 def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
@@ -146,8 +138,10 @@ class Engine:
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts (optimizer-side matmuls, eval)
+        self.projector = None
         if train_data is None:
-            train_data, val_latents = default_data(cfg)
+            data = prepare_data(cfg)
+            train_data, val_latents, self.projector = data.train, data.val, data.projector
         self.data = train_data
         self.val_latents = val_latents
 
@@ -215,6 +209,12 @@ class Engine:
         self.wall_offset = float(state["wall_seconds"])
         _set_rng_state(state["rng"])
 
+    def close(self) -> None:
+        """Release the data source's live pipeline (a Ray Data stream); it reopens on demand."""
+        close = getattr(self.data, "close", None)
+        if close is not None:
+            close()
+
     def request_stop(self) -> None:
         """Finish the current step, checkpoint and return (used for SIGTERM / preemption)."""
         self._stop_requested = True
@@ -274,7 +274,7 @@ class Engine:
         last_loss, last_ckpt = float("nan"), latest_checkpoint(self.checkpoint_root)
         started = time.perf_counter() - self.wall_offset
 
-        with self.metrics_path.open("a") as metrics:
+        with self.metrics_path.open("a") as metrics, contextlib.closing(self):
             while self.step < end:
                 ratio = mask_ratio(self.step, total, self.cfg.mask)
                 lr = lr_at(self.step, total, self.cfg.optim)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lmd.config import TrainConfig, build_config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    # Default latent stores are cached per machine; tests build theirs in a private folder, once per
+    # session (the default bundled store takes ~50 s on 2 cores), and children inherit it.
+    os.environ["LMD_CACHE"] = str(tmp_path_factory.mktemp("lmd-cache"))
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +30,6 @@ def _single_thread_determinism():
 def tiny_config(**overrides) -> TrainConfig:
     base = {"run.steps": 20, "run.log_every": 2, "run.eval_every": 10, "run.ckpt_every": 10,
             "run.device": "cpu", "data.batch_size": 8, "data.num_train": 64, "data.num_val": 16,
-            "optim.warmup_steps": 3}
+            "optim.warmup_steps": 3, "data.dataset": "synthetic"}
     base.update(overrides)
     return build_config(overrides=base, preset="tiny")

@@ -11,7 +11,8 @@ import torch
 import lmd.checkpoint as ckpt
 from lmd.checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint
 from lmd.config import OptimConfig
-from lmd.engine import Engine, NonFiniteLossError, RunDirError, default_data, lr_at
+from lmd.data.latents import prepare_data
+from lmd.engine import Engine, NonFiniteLossError, RunDirError, lr_at
 
 from .conftest import tiny_config
 
@@ -151,8 +152,8 @@ class _PoisonedData:
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny_config()
-    data, val = default_data(cfg)
-    engine = Engine(cfg, tmp_path, train_data=_PoisonedData(data, bad_step=13), val_latents=val)
+    data = prepare_data(cfg)
+    engine = Engine(cfg, tmp_path, train_data=_PoisonedData(data.train, bad_step=13), val_latents=data.val)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan before step 14.*step_00000010"):
         engine.fit()
     assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == ["step_00000010"]

@@ -140,7 +140,7 @@ class SDVAEProjector(Projector):
             raise ProjectorError(f"{directory}: no config.json of a diffusers AutoencoderKL")
         try:
             vae = AutoencoderKL.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             raise ProjectorError(f"{directory}: cannot load AutoencoderKL ({err})") from None
         cfg = vae.config
         super().__init__(scale=float(cfg.scaling_factor), shift=float(getattr(cfg, "shift_factor", None) or 0.0))

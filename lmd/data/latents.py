@@ -1,0 +1,123 @@
+"""From a run's DataConfig to training batches: build or reuse the latent store, validate it, open it.
+
+`prepare_data(cfg)` is the one place that decides where a run's latents come from:
+synthetic fields in memory, or a Parquet store (`data.latents`, or a default store cached under
+`$LMD_CACHE` / `~/.cache/lmd` and built on first use) that is validated against the run's projector
+and model geometry *before* training, then streamed by Ray Data or loaded into memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmd.config import TrainConfig
+from lmd.data.images import image_source
+from lmd.data.memory import InMemoryLatents, synthetic_latents
+from lmd.data.store import StoreError, precompute_store, read_manifest, read_store, validate_store
+from lmd.projector import Projector, load_projector
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_SEED = 1234  # the synthetic dataset does not change with the run seed
+SPLITS = ("train", "val")
+
+
+@dataclass
+class RunData:
+    train: Any  # a BatchSource: .batch(step) -> [B, C, H, W]
+    val: torch.Tensor  # [N, C, H, W] held-out latents, in memory for evaluation
+    projector: Projector | None
+    store: Path | None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LMD_CACHE", Path.home() / ".cache" / "lmd"))
+
+
+def _dataset_tag(dataset: str) -> str:
+    return dataset if dataset in ("bundled", "mnist") else Path(dataset).resolve().name
+
+
+def default_store_dir(dataset: str, resolution: int, num_train: int, num_val: int, projector: Projector) -> Path:
+    """Cache folder named by everything that determines the store's content."""
+    name = (f"{_dataset_tag(dataset)}-r{resolution}-n{num_train}-v{num_val}-{projector.name}-"
+            f"{projector.checksum()[:12]}")
+    return cache_root() / "stores" / name
+
+
+def build_store(root: Path, dataset: str, projector: Projector, resolution: int, num_train: int | None,
+                num_val: int | None, shard_size: int = 512, batch_size: int = 64, progress: bool = True) -> Path:
+    """Precompute `root/train` and `root/val` (resuming an interrupted build; a finished one is reused)."""
+    info = projector.info()
+    for split, num in (("train", num_train), ("val", num_val)):
+        source = image_source(dataset, split, resolution, num)
+        precompute_store(root / split, num_items=len(source), load_images=source.images, encode=projector.encode,
+                         projector=info, source=source.describe(), split=split, shard_size=shard_size,
+                         batch_size=batch_size, progress=progress)
+    return root
+
+
+def expected_store(cfg: TrainConfig, projector: Projector) -> dict[str, Any]:
+    """What the run needs from a store: this projector, and latents shaped like the model's input."""
+    m = cfg.model
+    return {"projector": projector.info(), "latent_shape": [m.in_chans, m.latent_size, m.latent_size]}
+
+
+def resolve_loader(loader: str, manifest: dict[str, Any], memory_limit_mb: int) -> str:
+    """`auto`: memory when the decoded float32 latents fit in `memory_limit_mb`, else the Ray Data stream.
+
+    Why: a deterministic per-epoch shuffle in Ray Data costs seconds of scheduling per epoch on a
+    small machine (benchmarks/data_stream.py), which dominates small stores that fit in RAM anyway.
+    """
+    if loader != "auto":
+        return loader
+    decoded_mb = manifest["count"] * math.prod(manifest["latent_shape"]) * 4 / 2**20
+    return "memory" if decoded_mb <= memory_limit_mb else "ray"
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
+    d, m = cfg.data, cfg.model
+    if d.dataset == "synthetic":
+        train = synthetic_latents(d.num_train, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED)
+        val = synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED + 1)
+        return RunData(InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val, None, None)
+
+    projector = load_projector(d.projector)
+    if d.latents:
+        root = Path(d.latents)
+    else:
+        root = default_store_dir(d.dataset, d.resolution, d.num_train, d.num_val, projector)
+        if not (root / "train" / "manifest.json").is_file() or not (root / "val" / "manifest.json").is_file():
+            log.info("building the latent store %s (once; later runs reuse it)", root)
+            build_store(root, d.dataset, projector, d.resolution, d.num_train, d.num_val, progress=progress)
+    expect = expected_store(cfg, projector)
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise StoreError(f"{root / split}: missing; a latent store has train/ and val/ (see `lmd precompute`)")
+        validate_store(root / split, **expect)
+    manifest = read_manifest(root / "train")
+    count = manifest["count"]
+    if count < d.batch_size:
+        raise StoreError(f"{root / 'train' / 'manifest.json'}: count={count} is smaller than "
+                         f"data.batch_size={d.batch_size}")
+    val = read_store(root / "val", validate=False)  # validated just above
+    loader = resolve_loader(d.loader, manifest, d.memory_limit_mb)
+    if loader == "ray":
+        import ray
+
+        from lmd.data.stream import RayLatentStream
+
+        if not ray.is_initialized():  # local Ray, or the cluster named by RAY_ADDRESS
+            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        train = RayLatentStream(root / "train", d.batch_size, seed=cfg.run.seed)
+    else:
+        train = InMemoryLatents(read_store(root / "train", validate=False), d.batch_size, seed=cfg.run.seed)
+    log.info("latents: %s (%d train items, %d val) via %s", root, count, val.shape[0], loader)
+    return RunData(train, val, projector, root)

@@ -1,0 +1,389 @@
+"""The latent store: precomputed projector latents of one split, as Parquet shards plus a manifest.
+
+A store directory holds one split of one image source encoded by one projector::
+
+    manifest.json          written last: format, projector, source, split, latent_shape, dtype, count,
+                           shard_size, shards [{file, rows, bytes, sha256}], created_unix, code_version
+    shard-00000.parquet    items [0, shard_size); shard k holds [k*shard_size, min(count, (k+1)*shard_size))
+
+Each shard has two columns, no nulls, and ``lmd = {"format": 1, "latent_shape": [C, h, w], "dtype": ...}``
+(JSON) in its Parquet schema metadata:
+
+    index    int64                              the source item index, ascending
+    latent   fixed_size_binary(C*h*w*itemsize)  one latent's little-endian C-order bytes in `dtype`
+
+Readers decode the bytes with `np.frombuffer`: nothing is ever unpickled. Writing is crash-safe:
+each shard goes to a hidden temp file, is fsynced and renamed into place (an existing shard file is
+always complete), and a hidden ``.plan.json`` with the store's identity is written first, so an
+interrupted `precompute_store` resumes, skipping finished shards, and ends with the same bytes as an
+uninterrupted run. `validate_store` only ever reads. `read_store` loads a store with pyarrow alone;
+`ray_dataset` and `RayLatentStream` live in `lmd.data.stream` and are re-exported here lazily, so
+importing this module never imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from lmd import code_version
+from lmd.checkpoint import fsync_dir, sha256_file, write_json_atomic  # one implementation of each
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PLAN_FILE = ".plan.json"  # hidden: Ray Data's file listing skips it
+SCHEMA_KEY = b"lmd"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_TMP_PREFIX = ".tmp-"  # same prefix as lmd.checkpoint.write_json_atomic, so one sweep removes both
+_MANIFEST_FIELDS = ("format", "projector", "source", "split", "latent_shape", "dtype", "count", "shard_size",
+                    "shards")
+_SHARD_FIELDS = ("file", "rows", "bytes", "sha256")
+_ABSENT = "<absent>"
+
+
+class StoreError(ValueError):
+    """A store is missing, truncated, corrupt or does not match the run; the message names the file and the field."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.parquet"
+
+
+def item_width(latent_shape: Sequence[int], dtype: str) -> int:
+    """Bytes of one latent: prod(latent_shape) * itemsize."""
+    return math.prod(latent_shape) * np.dtype(dtype).itemsize
+
+
+def decode_latents(column: pa.Array | pa.ChunkedArray, latent_shape: Sequence[int], dtype: str) -> np.ndarray:
+    """fixed_size_binary latents -> float32 [n, *latent_shape], straight from the Arrow buffer."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = item_width(latent_shape, dtype)
+    if column.null_count or column.type != pa.binary(width):
+        raise StoreError(f"latent column is {column.type} with {column.null_count} nulls, expected "
+                         f"fixed_size_binary[{width}] without nulls")
+    n = len(column)
+    elems = math.prod(latent_shape)
+    # Slices of an Arrow array keep the parent buffer: start at the slice's offset.
+    raw = np.frombuffer(column.buffers()[1], dtype=np.dtype(dtype).newbyteorder("<"), count=n * elems,
+                        offset=column.offset * width)
+    return raw.reshape(n, *latent_shape).astype(np.float32)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path}: {what} missing") from None
+    except OSError as err:
+        raise StoreError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{path}: {what} is not valid JSON ({err})") from None
+    if not isinstance(payload, dict):
+        raise StoreError(f"{path}: {what} is not a JSON object")
+    return payload
+
+
+def _plain(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples become lists), so comparisons are like for like."""
+    return json.loads(json.dumps(value))
+
+
+def _differences(have: dict[str, Any], want: dict[str, Any], both: bool = False, prefix: str = "") -> list[str]:
+    """'field: store has X, run expects Y' for each key of `want` (and of `have`, if `both`) that differs."""
+    keys = list(want) + ([k for k in have if k not in want] if both else [])
+    out = []
+    for key in keys:
+        actual, expected = have.get(key, _ABSENT), want.get(key, _ABSENT)
+        if isinstance(actual, dict) and isinstance(expected, dict):
+            out += _differences(actual, expected, both, f"{prefix}{key}.")
+        elif actual != expected:
+            out.append(f"{prefix}{key}: store has {actual!r}, run expects {expected!r}")
+    return out
+
+
+def read_manifest(store_dir: str | Path) -> dict[str, Any]:
+    """The manifest, checked for structure and internal consistency (no shard is opened)."""
+    path = Path(store_dir) / MANIFEST_FILE
+    if not path.is_file() and (Path(store_dir) / PLAN_FILE).is_file():
+        raise StoreError(f"{path}: manifest missing: precompute of this store was interrupted; rerun it to finish")
+    manifest = _read_json(path, "manifest")
+    for key in _MANIFEST_FIELDS:
+        if key not in manifest:
+            raise StoreError(f"{path}: manifest lacks field {key!r}")
+    if manifest["format"] != FORMAT_VERSION:
+        raise StoreError(f"{path}: format: store has {manifest['format']!r}, this code reads {FORMAT_VERSION}")
+    shape, dtype, count, size = (manifest[k] for k in ("latent_shape", "dtype", "count", "shard_size"))
+    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise StoreError(f"{path}: latent_shape: {shape!r} is not a list of positive ints")
+    if dtype not in DTYPES:
+        raise StoreError(f"{path}: dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    for key in ("count", "shard_size"):
+        if not isinstance(manifest[key], int) or manifest[key] < 1:
+            raise StoreError(f"{path}: {key}: {manifest[key]!r} is not a positive int")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise StoreError(f"{path}: shards: not a list of objects")
+    for k, shard in enumerate(shards):
+        for key in _SHARD_FIELDS:
+            if key not in shard:
+                raise StoreError(f"{path}: shards[{k}] lacks field {key!r}")
+        if not isinstance(shard["rows"], int) or not isinstance(shard["bytes"], int):
+            raise StoreError(f"{path}: shards[{k}]: rows and bytes must be ints")
+        # Fixed names: a manifest can never point a reader outside the store directory.
+        if shard["file"] != shard_name(k):
+            raise StoreError(f"{path}: shards[{k}].file: {shard['file']!r}, expected {shard_name(k)!r}")
+    if sum(s["rows"] for s in shards) != count:
+        raise StoreError(f"{path}: count: {count} is not the sum of shards[].rows ({sum(s['rows'] for s in shards)})")
+    if len(shards) != math.ceil(count / size):
+        raise StoreError(f"{path}: shards: {len(shards)} listed, count {count} / shard_size {size} needs "
+                         f"{math.ceil(count / size)}")
+    for k, shard in enumerate(shards):
+        if shard["rows"] != min(size, count - k * size):
+            raise StoreError(f"{path}: shards[{k}].rows: {shard['rows']}, expected {min(size, count - k * size)}")
+    return manifest
+
+
+def check_shard(path: Path, rows: int, latent_shape: Sequence[int] | None, dtype: str, first_index: int) -> list[int]:
+    """Check a shard's Parquet footer, schema, row count and index column; returns its latent_shape."""
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        num_rows = pf.metadata.num_rows
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"{path}: Parquet unreadable ({type(err).__name__}: {err})") from None
+    try:
+        meta = json.loads((schema.metadata or {})[SCHEMA_KEY])
+        shard_shape, shard_dtype = list(meta["latent_shape"]), meta["dtype"]
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"{path}: schema: metadata {SCHEMA_KEY.decode()!r} missing or malformed") from None
+    if shard_dtype != dtype or (latent_shape is not None and shard_shape != list(latent_shape)):
+        raise StoreError(f"{path}: schema: metadata {SCHEMA_KEY.decode()!r} says latent_shape {shard_shape} "
+                         f"dtype {shard_dtype}, expected {list(latent_shape or shard_shape)} {dtype}")
+    width = item_width(shard_shape, dtype)
+    for name, expected in (("index", pa.int64()), ("latent", pa.binary(width))):
+        if schema.get_field_index(name) < 0:
+            raise StoreError(f"{path}: schema: column {name!r} missing")
+        if schema.field(name).type != expected:
+            raise StoreError(f"{path}: schema: column {name!r} is {schema.field(name).type}, expected {expected} "
+                             f"(latent_shape {shard_shape} x {dtype})")
+    if num_rows != rows:
+        raise StoreError(f"{path}: rows: Parquet has {num_rows}, manifest says {rows}")
+    try:
+        index = pf.read(columns=["index"])["index"].to_numpy()
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"{path}: index: unreadable ({type(err).__name__}: {err})") from None
+    if not np.array_equal(index, np.arange(first_index, first_index + rows)):
+        raise StoreError(f"{path}: index: not the items [{first_index}, {first_index + rows}) in order")
+    return shard_shape
+
+
+def validate_store(store_dir: str | Path, *, projector: dict | None = None, latent_shape: Sequence[int] | None = None,
+                   dtype: str | None = None, verify_checksums: bool = True) -> dict[str, Any]:
+    """Check a store against its manifest and the run's expectations; returns the manifest.
+
+    Read-only. Raises StoreError naming the file and the field. Expectations come first (the usual
+    mistake is a store made by another projector); `verify_checksums=False` skips hashing the shards
+    (footer, schema, rows and index are still checked).
+    """
+    root = Path(store_dir)
+    manifest = read_manifest(root)
+    path = root / MANIFEST_FILE
+    problems = _differences({"projector": manifest["projector"]}, {"projector": _plain(projector)}) if projector else []
+    if latent_shape is not None and manifest["latent_shape"] != [int(d) for d in latent_shape]:
+        problems.append(f"latent_shape: store has {manifest['latent_shape']}, run expects {list(latent_shape)}")
+    if dtype is not None and manifest["dtype"] != dtype:
+        problems.append(f"dtype: store has {manifest['dtype']!r}, run expects {dtype!r}")
+    if problems:
+        raise StoreError(f"{path}: " + "; ".join(problems))
+    for k, shard in enumerate(manifest["shards"]):
+        file = root / shard["file"]
+        if not file.is_file():
+            raise StoreError(f"{file}: shard missing (manifest shards[{k}].file names it)")
+        size = file.stat().st_size
+        if size != shard["bytes"]:
+            raise StoreError(f"{file}: bytes: truncated or overwritten: {size} bytes, manifest says {shard['bytes']}")
+        if verify_checksums:
+            digest = sha256_file(file)
+            if digest != shard["sha256"]:
+                raise StoreError(f"{file}: sha256: corrupt: {digest[:12]}... does not match manifest "
+                                 f"{str(shard['sha256'])[:12]}...")
+        check_shard(file, shard["rows"], manifest["latent_shape"], manifest["dtype"], k * manifest["shard_size"])
+    return manifest
+
+
+def read_store(store_dir: str | Path, *, validate: bool = True, **expect: Any) -> torch.Tensor:
+    """All latents [N, C, h, w] float32 in item-index order, read with pyarrow only.
+
+    `expect` takes validate_store's keywords (projector, latent_shape, dtype, verify_checksums).
+    """
+    root = Path(store_dir)
+    manifest = validate_store(root, **expect) if validate else read_manifest(root)
+    shape, dtype = manifest["latent_shape"], manifest["dtype"]
+    out = np.empty((manifest["count"], *shape), dtype=np.float32)
+    start = 0
+    for shard in manifest["shards"]:
+        file = root / shard["file"]
+        try:
+            column = pq.ParquetFile(file).read(columns=["latent"])["latent"]
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"{file}: Parquet unreadable ({type(err).__name__}: {err})") from None
+        out[start:start + len(column)] = decode_latents(column, shape, dtype)
+        start += len(column)
+    return torch.from_numpy(out)
+
+
+def _write_shard(root: Path, k: int, first_index: int, latents: np.ndarray, dtype: str) -> None:
+    """Write shard k atomically: temp file, fsync, rename; an existing shard file is always complete."""
+    n, shape = latents.shape[0], list(latents.shape[1:])
+    data = np.ascontiguousarray(latents, dtype=np.dtype(dtype).newbyteorder("<"))
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(item_width(shape, dtype)), n, [None, pa.py_buffer(data)])
+    meta = json.dumps({"format": FORMAT_VERSION, "latent_shape": shape, "dtype": dtype}, sort_keys=True)
+    schema = pa.schema([("index", pa.int64()), ("latent", column.type)], metadata={SCHEMA_KEY: meta})
+    table = pa.table([pa.array(np.arange(first_index, first_index + n, dtype=np.int64)), column], schema=schema)
+    tmp = root / f"{_TMP_PREFIX}{shard_name(k)}.{uuid.uuid4().hex}"
+    try:
+        with tmp.open("wb") as f:
+            # Latents barely compress, and dictionaries/statistics of 1 KiB values only cost space.
+            pq.write_table(table, f, compression="none", use_dictionary=False, write_statistics=["index"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / shard_name(k))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _encode_range(start: int, stop: int, load_images: Callable[[int, int], torch.Tensor],
+                  encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int, dtype: str,
+                  bar: tqdm) -> np.ndarray:
+    """Latents of items [start, stop) in `dtype`; chunks start at `start` so a resumed shard is chunked alike."""
+    parts = []
+    for a in range(start, stop, batch_size):
+        b = min(stop, a + batch_size)
+        images = load_images(a, b)
+        if images.ndim != 4 or images.shape[0] != b - a:
+            raise ValueError(f"load_images({a}, {b}) returned shape {tuple(images.shape)}, expected [{b - a}, 3, H, W]")
+        with torch.no_grad():
+            latents = encode(images).detach().to("cpu", DTYPES[dtype])
+        if latents.ndim != 4 or latents.shape[0] != b - a:
+            raise ValueError(f"encode(images[{a}:{b}]) gave shape {tuple(latents.shape)}, expected [{b - a}, C, h, w]")
+        if not torch.isfinite(latents).all():
+            raise StoreError(f"items [{a}, {b}): latents are not finite in {dtype} (max |x| before the cast may "
+                             "exceed its range; check the projector's scale)")
+        parts.append(latents.numpy())
+        bar.update(b - a)
+    return np.concatenate(parts)
+
+
+def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callable[[int, int], torch.Tensor],
+                     encode: Callable[[torch.Tensor], torch.Tensor], projector: dict, source: dict, split: str,
+                     shard_size: int = 512, batch_size: int = 64, dtype: str = "float16",
+                     progress: bool = True) -> dict[str, Any]:
+    """Encode items [0, num_items) into a store at `out_dir` (resuming an interrupted run); returns the manifest.
+
+    `load_images(start, stop)` gives images [n, 3, H, W] in [0, 1]; `encode` maps them to latents
+    [n, C, h, w]. A complete store with the same identity is returned untouched; a store or plan
+    with another identity (projector, source, split, num_items, shard_size, dtype) is refused,
+    naming the differing field, without modifying anything.
+    """
+    root = Path(out_dir)
+    if dtype not in DTYPES:
+        raise StoreError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    for name, value in (("num_items", num_items), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise StoreError(f"{name}: {value!r} is not a positive int")
+    try:
+        identity = _plain({"projector": projector, "source": source, "split": split, "num_items": num_items,
+                           "shard_size": shard_size, "dtype": dtype})
+    except TypeError as err:
+        raise StoreError(f"projector/source: not JSON-serialisable ({err})") from None
+
+    manifest_path, plan_path = root / MANIFEST_FILE, root / PLAN_FILE
+    if manifest_path.exists():
+        manifest = read_manifest(root)
+        made = {"projector": manifest["projector"], "source": manifest["source"], "split": manifest["split"],
+                "num_items": manifest["count"], "shard_size": manifest["shard_size"], "dtype": manifest["dtype"]}
+        _refuse_other_identity(manifest_path, made, identity)
+        validate_store(root, verify_checksums=False)
+        log.info("store %s is complete (%d items); nothing to do", root, manifest["count"])
+        return manifest
+    if plan_path.exists():
+        _refuse_other_identity(plan_path, _read_json(plan_path, "plan").get("identity", {}), identity)
+        log.info("resuming the interrupted precompute of %s", root)
+    else:
+        if root.exists() and any(not p.name.startswith(_TMP_PREFIX) for p in root.iterdir()):
+            raise StoreError(f"{root}: not empty and holds no store ({MANIFEST_FILE} or {PLAN_FILE}); refusing to "
+                             "write into it")
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(plan_path, {"format": FORMAT_VERSION, "identity": identity})
+    for stale in root.glob(f"{_TMP_PREFIX}*"):  # from a killed run; never a complete file
+        log.warning("removing incomplete write %s", stale)
+        stale.unlink(missing_ok=True)
+
+    num_shards = math.ceil(num_items / shard_size)
+    latent_shape: list[int] | None = None
+    bar = tqdm(total=num_items, unit="img", desc=f"precompute {split}", disable=not progress)
+    with bar:
+        for k in range(num_shards):
+            start, stop = k * shard_size, min(num_items, (k + 1) * shard_size)
+            path = root / shard_name(k)
+            if path.exists():
+                try:
+                    latent_shape = check_shard(path, stop - start, latent_shape, dtype, start)
+                    bar.update(stop - start)
+                    continue
+                except StoreError as err:
+                    log.warning("re-encoding shard %d: %s", k, err)
+            latents = _encode_range(start, stop, load_images, encode, batch_size, dtype, bar)
+            if latent_shape is not None and list(latents.shape[1:]) != latent_shape:
+                raise StoreError(f"{path}: latent_shape: encode gave {list(latents.shape[1:])}, earlier shards "
+                                 f"have {latent_shape}")
+            latent_shape = list(latents.shape[1:])
+            _write_shard(root, k, start, latents, dtype)
+    fsync_dir(root)
+
+    shards = [{"file": shard_name(k), "rows": min(num_items, (k + 1) * shard_size) - k * shard_size,
+               "bytes": (root / shard_name(k)).stat().st_size, "sha256": sha256_file(root / shard_name(k))}
+              for k in range(num_shards)]
+    manifest = {"format": FORMAT_VERSION, "projector": identity["projector"], "source": identity["source"],
+                "split": split, "latent_shape": latent_shape, "dtype": dtype, "count": num_items,
+                "shard_size": shard_size, "shards": shards, "created_unix": time.time(),
+                "code_version": code_version()}
+    write_json_atomic(manifest_path, manifest)  # the store is complete from here on
+    plan_path.unlink(missing_ok=True)
+    fsync_dir(root)
+    log.info("wrote store %s: %d items in %d shards, latent_shape %s %s", root, num_items, num_shards,
+             latent_shape, dtype)
+    return manifest
+
+
+def _refuse_other_identity(path: Path, made: Any, wanted: dict[str, Any]) -> None:
+    problems = _differences(made if isinstance(made, dict) else {}, wanted, both=True)
+    if problems:
+        raise StoreError(f"{path}: this store was made for another run: " + "; ".join(problems)
+                         + f"; choose another out_dir or delete {path.parent}")
+
+
+def __getattr__(name: str) -> Any:
+    # The Ray half lives in lmd.data.stream; import it (and Ray) only when asked for.
+    if name in ("ray_dataset", "RayLatentStream"):
+        from lmd.data import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
