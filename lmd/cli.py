@@ -41,6 +41,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "loader": ("data.loader", str),
     "batch_size": ("data.batch_size", int),
     "num_train": ("data.num_train", int),
+    "num_val": ("data.num_val", int),
     "steps": ("run.steps", int),
     "seed": ("run.seed", int),
     "log_every": ("run.log_every", int),
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--loader", help="auto (default: memory if it fits, else Ray Data), ray or memory")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--num-train", type=int, help="training images (crops for the bundled photos)")
+    t.add_argument("--num-val", type=int, help="held-out images")
     t.add_argument("--steps", type=int, help="total optimisation steps (sets the schedules' length)")
     t.add_argument("--seed", type=int)
     t.add_argument("--log-every", type=int)

@@ -14,13 +14,16 @@ import torch
 
 from lmd.checkpoint import latest_checkpoint, load_checkpoint
 
-# One thread in every child: bit-identical results need the same reduction order.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+def _env() -> dict[str, str]:
+    # One thread in every child: bit-identical results need the same reduction order. Read at call
+    # time: the session fixture points LMD_CACHE at a private folder.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _lmd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lmd.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+                          timeout=timeout, env=_env())
 
 
 def test_documented_train_command_runs_on_default_data(tmp_path):
@@ -56,7 +59,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, "-m", "lmd.cli", *common, "--run-dir", str(crashed)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "lmd.cli", *common, "--run-dir", str(crashed)], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while latest_checkpoint(crashed / "checkpoints") is None and time.monotonic() < deadline:
