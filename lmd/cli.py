@@ -108,6 +108,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--norm-target", action="store_true", default=None, help="per-patch normalised targets")
     t.add_argument("--run-dir", metavar="DIR", help="where metrics and checkpoints go (default runs/<name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    r = t.add_argument_group("Ray Train (data-parallel; rerunning the same --name resumes it)")
+    r.add_argument("--workers", type=int, help="train with Ray Train on this many workers")
+    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0)
+    r.add_argument("--cpus-per-worker", type=float, default=1.0)
+    r.add_argument("--storage", default="runs/ray", help="run storage: a shared path or s3://bucket/prefix")
+    r.add_argument("--name", default="", help="run name (default lmd-<preset>-<scheduler>-s<seed>)")
+    r.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
+    r.add_argument("--spread", action="store_true", help="place each worker on a different node")
+    r.add_argument("--keep-best", action="store_true", help="keep the best checkpoints by val score, not the newest")
 
     s = sub.add_parser("schedule", help="print a mask-ratio schedule")
     _add_mask_flags(s)
@@ -156,10 +166,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lmd.checkpoint import CheckpointError
     from lmd.data.images import ImageSourceError
     from lmd.data.store import StoreError
-    from lmd.engine import Engine, NonFiniteLossError, RunDirError
+    from lmd.engine import Engine, NonFiniteLossError, RunDirError, check_run_dir
     from lmd.projector import ProjectorError
 
     cfg = build_config(args.config, _overrides(args, list(TRAIN_FLAGS)))
+    if args.workers is not None:
+        return _train_distributed(cfg, args)
     if args.run_dir:
         run_dir = Path(args.run_dir)
     elif args.resume:
@@ -168,6 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{cfg.model.preset}-{cfg.mask.scheduler}-s{cfg.run.seed}-{stamp}"
     try:
+        check_run_dir(run_dir, args.resume)  # before building data: fail in a second, not a minute
         engine = Engine(cfg, run_dir)
         # SIGTERM (preemption, `ray stop`) and the first Ctrl-C: checkpoint after this step and exit.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,6 +192,53 @@ def cmd_train(args: argparse.Namespace) -> int:
         _shutdown_ray()
     print(json.dumps({"run_dir": str(run_dir), "step": result.step, "final_loss": result.final_loss,
                       "checkpoint": str(result.last_checkpoint), "metrics": str(result.metrics_path)}))
+    return 0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a wrong --address (ray.init would retry for minutes)."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        _fail(f"--address={address}: no Ray cluster reachable there ({err})", EXIT_RUNTIME)
+
+
+def _train_distributed(cfg: Any, args: argparse.Namespace) -> int:
+    import ray
+
+    from lmd.data.images import ImageSourceError
+    from lmd.data.store import StoreError
+    from lmd.distributed import ClusterConfig, fit_distributed
+    from lmd.projector import ProjectorError
+
+    cluster = ClusterConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                            cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name,
+                            max_failures=args.max_failures, spread=args.spread, keep_best=args.keep_best)
+    cluster.validate(cfg)
+    if args.address:
+        _check_reachable(args.address)
+    try:
+        ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        _fail(f"--address={args.address}: cannot connect to a Ray cluster ({str(err).splitlines()[0]})", EXIT_RUNTIME)
+    try:
+        result = fit_distributed(cfg, cluster)
+    except (StoreError, ProjectorError, ImageSourceError) as err:
+        _fail(str(err), EXIT_RUNTIME)
+    finally:
+        ray.shutdown()
+    if result.error is not None:
+        _fail(f"training failed: {str(result.error).splitlines()[0]}", EXIT_RUNTIME)
+    print(json.dumps({"run": str(result.path), "step": result.metrics.get("step"),
+                      "final_loss": result.metrics.get("loss_last"),
+                      "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                      "workers": result.metrics.get("workers"), "num_nodes": result.metrics.get("num_nodes")}))
     return 0
 
 

@@ -58,6 +58,12 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (e.g. it already holds a run and --resume is absent)."""
 
 
+class Reporter(Protocol):
+    """Called on every rank at every log row, with the checkpoint folder when rank 0 just wrote one."""
+
+    def __call__(self, row: dict[str, Any], checkpoint: Path | None) -> None: ...
+
+
 class BatchSource(Protocol):
     """Anything that returns the training batch of a global step: [B, C, H, W]."""
 
@@ -70,6 +76,15 @@ class FitResult:
     final_loss: float
     last_checkpoint: Path | None
     metrics_path: Path
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to start a fresh run over an existing one (nothing is overwritten without --resume)."""
+    latest = latest_checkpoint(run_dir / CHECKPOINT_DIR)
+    if not resume and (latest is not None or (run_dir / CONFIG_FILE).exists()):
+        raise RunDirError(f"run dir {run_dir} already holds a run"
+                          f"{f' (checkpoint {latest.name})' if latest else ''}: pass --resume to "
+                          "continue it, or choose a new --run-dir")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,9 +145,13 @@ class Engine:
     """Owns the model, optimizer, data and run directory of one training run."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource | None = None,
-                 val_latents: torch.Tensor | None = None, device: torch.device | None = None):
+                 val_latents: torch.Tensor | None = None, device: torch.device | None = None,
+                 rank: int = 0, world_size: int = 1, reporter: Reporter | None = None):
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
+        # Data parallelism (the Ray Train layer sets these): every rank draws the same global batch and
+        # mask noise for a step and trains on its slice, so N ranks compute the single-process update.
+        self.rank, self.world_size, self.reporter = rank, world_size, reporter
         self.device = device or resolve_device(cfg.run.device)
         use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
@@ -209,6 +228,12 @@ class Engine:
         self.wall_offset = float(state["wall_seconds"])
         _set_rng_state(state["rng"])
 
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)  # SUM: gloo (CPU) has no AVG
+            return values / self.world_size
+        return values
+
     def close(self) -> None:
         """Release the data source's live pipeline (a Ray Data stream); it reopens on demand."""
         close = getattr(self.data, "close", None)
@@ -229,13 +254,10 @@ class Engine:
         return self.run_dir / METRICS_FILE
 
     def _prepare_run_dir(self, resume: bool) -> None:
+        check_run_dir(self.run_dir, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale(self.checkpoint_root)
         latest = latest_checkpoint(self.checkpoint_root)
-        if not resume and (latest is not None or (self.run_dir / CONFIG_FILE).exists()):
-            raise RunDirError(f"run dir {self.run_dir} already holds a run"
-                              f"{f' (checkpoint {latest.name})' if latest else ''}: pass --resume to "
-                              "continue it, or choose a new --run-dir")
         if resume and latest is not None:
             state, manifest = load_checkpoint(latest, map_location=self.device)
             saved = TrainConfig.from_dict(manifest["config"])
@@ -282,15 +304,19 @@ class Engine:
                     group["lr"] = lr
                 latents = self.data.batch(self.step).to(self.device, non_blocking=True)
                 noise = self.mask_noise(latents.shape[0], self.step)
+                if self.world_size > 1:
+                    per_rank = latents.shape[0] // self.world_size
+                    mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+                    latents, noise = latents[mine], noise[mine]
                 pending.append(self.train_step(latents, ratio, noise))
                 self.step += 1
                 self.wall_offset = time.perf_counter() - started
 
                 stopping = self.step == end or self._stop_requested
-                do_eval = self.step % run.eval_every == 0 or stopping
                 do_ckpt = self.step % run.ckpt_every == 0 or stopping
+                do_eval = self.step % run.eval_every == 0 or do_ckpt  # checkpoints carry their val score
                 if self.step % run.log_every == 0 or do_eval or do_ckpt:
-                    losses = torch.stack(pending).float().tolist()  # the one sync per log interval
+                    losses = self._mean_over_ranks(torch.stack(pending).float()).tolist()  # one sync per interval
                     pending.clear()
                     bad = [v for v in losses if not math.isfinite(v)]
                     if bad:
@@ -300,7 +326,7 @@ class Engine:
                             "optim.warmup_steps.")
                     last_loss = losses[-1]
                     row: dict[str, Any] = {
-                        "step": self.step, "samples_seen": self.step * latents.shape[0],
+                        "step": self.step, "samples_seen": self.step * self.cfg.data.batch_size,
                         "wall_seconds": round(self.wall_offset, 4), "loss": sum(losses) / len(losses),
                         "loss_last": last_loss, "mask_ratio": ratio, "lr": lr}
                     if do_eval:
@@ -311,8 +337,10 @@ class Engine:
                     metrics.flush()
                     log.info("step %d/%d loss %.5f ratio %.3f lr %.2e%s", self.step, total, row["loss"], ratio,
                              lr, f" val {row['val_masked_mse_fixed']:.5f}" if do_eval else "")
-                if do_ckpt:
-                    last_ckpt = self.save()
+                    saved = self.save() if do_ckpt and self.rank == 0 else None
+                    last_ckpt = saved or last_ckpt
+                    if self.reporter is not None:
+                        self.reporter(row, saved)
                 if self._stop_requested:
                     log.info("stop requested: checkpointed at step %d", self.step)
                     break

@@ -70,6 +70,29 @@ def expected_store(cfg: TrainConfig, projector: Projector) -> dict[str, Any]:
     return {"projector": projector.info(), "latent_shape": [m.in_chans, m.latent_size, m.latent_size]}
 
 
+def resolve_store(cfg: TrainConfig, progress: bool = True) -> tuple[Path, Projector]:
+    """The run's store folder (built first if it is the cached default), validated against the run."""
+    d = cfg.data
+    projector = load_projector(d.projector)
+    if d.latents:
+        root = Path(d.latents)
+    else:
+        root = default_store_dir(d.dataset, d.resolution, d.num_train, d.num_val, projector)
+        if not (root / "train" / "manifest.json").is_file() or not (root / "val" / "manifest.json").is_file():
+            log.info("building the latent store %s (once; later runs reuse it)", root)
+            build_store(root, d.dataset, projector, d.resolution, d.num_train, d.num_val, progress=progress)
+    expect = expected_store(cfg, projector)
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise StoreError(f"{root / split}: missing; a latent store has train/ and val/ (see `lmd precompute`)")
+        validate_store(root / split, **expect)
+    count = read_manifest(root / "train")["count"]
+    if count < d.batch_size:
+        raise StoreError(f"{root / 'train' / 'manifest.json'}: count={count} is smaller than "
+                         f"data.batch_size={d.batch_size}")
+    return root, projector
+
+
 def resolve_loader(loader: str, manifest: dict[str, Any], memory_limit_mb: int) -> str:
     """`auto`: memory when the decoded float32 latents fit in `memory_limit_mb`, else the Ray Data stream.
 
@@ -89,25 +112,10 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
         val = synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED + 1)
         return RunData(InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val, None, None)
 
-    projector = load_projector(d.projector)
-    if d.latents:
-        root = Path(d.latents)
-    else:
-        root = default_store_dir(d.dataset, d.resolution, d.num_train, d.num_val, projector)
-        if not (root / "train" / "manifest.json").is_file() or not (root / "val" / "manifest.json").is_file():
-            log.info("building the latent store %s (once; later runs reuse it)", root)
-            build_store(root, d.dataset, projector, d.resolution, d.num_train, d.num_val, progress=progress)
-    expect = expected_store(cfg, projector)
-    for split in SPLITS:
-        if not (root / split).is_dir():
-            raise StoreError(f"{root / split}: missing; a latent store has train/ and val/ (see `lmd precompute`)")
-        validate_store(root / split, **expect)
+    root, projector = resolve_store(cfg, progress)
     manifest = read_manifest(root / "train")
     count = manifest["count"]
-    if count < d.batch_size:
-        raise StoreError(f"{root / 'train' / 'manifest.json'}: count={count} is smaller than "
-                         f"data.batch_size={d.batch_size}")
-    val = read_store(root / "val", validate=False)  # validated just above
+    val = read_store(root / "val", validate=False)  # resolve_store validated it
     loader = resolve_loader(d.loader, manifest, d.memory_limit_mb)
     if loader == "ray":
         import ray

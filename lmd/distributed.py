@@ -1,0 +1,184 @@
+"""The Ray Train shell around the engine: data-parallel LMD training on a Ray cluster.
+
+Three small layers, Ray outermost: `fit_distributed` (driver) builds a `TorchTrainer`;
+`train_loop_per_worker` turns a worker's Ray Data shard into the engine's batch source, wraps the
+model in DDP and runs `Engine.fit`; the engine's reporter hook turns each log row into
+`ray.train.report`, attaching the checkpoint rank 0 just wrote (the engine's own verified format,
+copied into the run's storage by Ray).
+
+Determinism: every worker receives the whole (small) latent store through `get_dataset_shard`
+(`DataConfig(datasets_to_split=[])`), draws the same global batch and mask noise for a step and
+trains on its slice, so the update equals the single-process engine's at any worker count, and a
+restart (worker failure or a rerun of the same run name) resumes at the exact step, LR and
+mask-scheduler position of the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmd.checkpoint import read_manifest
+from lmd.config import TrainConfig
+from lmd.data.memory import InMemoryLatents
+from lmd.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How to place the run on Ray (validated here, at the edge, like TrainConfig)."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    storage: str = "runs/ray"  # local path or URI (s3://bucket/prefix) shared by all nodes
+    name: str = ""
+    max_failures: int = 2
+    spread: bool = False  # place workers on different nodes
+    keep_best: bool = False  # keep checkpoints by lowest val_masked_mse_fixed instead of the newest
+
+    def validate(self, cfg: TrainConfig) -> None:
+        from lmd.config import ConfigError
+
+        if self.workers < 1:
+            raise ConfigError(f"--workers={self.workers}: must be >= 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError(f"--gpus-per-worker={self.gpus_per_worker} / cpus per worker {self.cpus_per_worker}: "
+                              "must be >= 0 and > 0")
+        if cfg.data.batch_size % self.workers:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be divisible by --workers={self.workers} "
+                              "(each worker trains an equal slice of the global batch)")
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures={self.max_failures}: must be >= 0")
+
+
+def _materialize(shard: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A worker's dataset shard as one tensor in store-index order: [N, C, H, W]."""
+    latents, index = [], []
+    for batch in shard.iter_torch_batches(batch_size=4096, dtypes={"latent": torch.float32, "index": torch.int64}):
+        latents.append(batch["latent"])
+        index.append(batch["index"])
+    order = torch.argsort(torch.cat(index))
+    return torch.cat(latents)[order].contiguous(), torch.cat(index)[order]
+
+
+def _reporter(placement: dict[str, Any]):
+    def report(row: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+        ray.train.report({**row, **placement}, checkpoint=ckpt,
+                         checkpoint_dir_name=checkpoint.name if checkpoint else None)
+
+    return report
+
+
+def _placement(world: int) -> dict[str, Any]:
+    """Where the workers run (node ids gathered from every rank), reported with the metrics."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if world > 1 and torch.distributed.is_initialized():
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, node)
+    return {"workers": world, "num_nodes": len(set(nodes)), "worker_nodes": ",".join(nodes)}
+
+
+def _log_to_driver() -> None:
+    """The engine's progress (and its resume point) on the worker's stderr, which Ray forwards to the driver."""
+    lmd_log = logging.getLogger("lmd")
+    if not lmd_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        lmd_log.addHandler(handler)
+        lmd_log.setLevel(logging.INFO)
+        lmd_log.propagate = False
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    _log_to_driver()
+    import ray.train
+    import ray.train.torch
+
+    from lmd.data.latents import SYNTHETIC_SEED, synthetic_latents
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    d, m = cfg.data, cfg.model
+    if d.dataset == "synthetic":
+        train = synthetic_latents(d.num_train, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED)
+        val = synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED + 1)
+    else:
+        train, _ = _materialize(ray.train.get_dataset_shard("train"))
+        val, _ = _materialize(ray.train.get_dataset_shard("val"))
+
+    # Engine checkpoints are written to worker-local scratch, then handed to Ray, which copies
+    # them into the run's storage; on a restart the latest one comes back the same way.
+    scratch = Path(tempfile.mkdtemp(prefix=f"lmd-rank{rank}-"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as restored:
+            # Named by its manifest: a checkpoint fetched from remote storage lands in a temp folder.
+            step = read_manifest(Path(restored))["step"]
+            shutil.copytree(restored, scratch / "checkpoints" / f"step_{step:08d}")
+    local_cfg = replace(cfg, run=replace(cfg.run, keep_last=1))  # storage keeps the history, not scratch
+    engine = Engine(local_cfg, scratch, train_data=InMemoryLatents(train, d.batch_size, seed=cfg.run.seed),
+                    val_latents=val, device=ray.train.torch.get_device(), rank=rank, world_size=world)
+    engine.forward = ray.train.torch.prepare_model(engine.model)  # DDP when world > 1
+    engine.reporter = _reporter(_placement(world))
+    try:
+        engine.fit(resume=checkpoint is not None)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """Stable (no timestamp): rerunning the same command resumes the same run."""
+    return f"lmd-{cfg.model.preset}-{cfg.mask.scheduler}-s{cfg.run.seed}"
+
+
+def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig) -> Any:
+    """Train with Ray Train; returns the `ray.train.Result`. Rerunning with the same name resumes."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cluster.validate(cfg)
+    datasets = {}
+    if cfg.data.dataset != "synthetic":
+        from lmd.data.latents import resolve_store
+        from lmd.data.stream import ray_dataset
+
+        root, _ = resolve_store(cfg)  # validated against the run before any worker starts
+        datasets = {"train": ray_dataset(root / "train"), "val": ray_dataset(root / "val")}
+    storage = cluster.storage if "://" in cluster.storage else str(Path(cluster.storage).resolve())
+    checkpoint_config = ray.train.CheckpointConfig(
+        num_to_keep=cfg.run.keep_last,
+        checkpoint_score_attribute="val_masked_mse_fixed" if cluster.keep_best else None,
+        checkpoint_score_order="min")
+    use_gpu = cluster.gpus_per_worker > 0
+    resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict()},
+        scaling_config=ray.train.ScalingConfig(num_workers=cluster.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy="STRICT_SPREAD" if cluster.spread else "PACK"),
+        run_config=ray.train.RunConfig(name=cluster.name or run_name(cfg), storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+                                       checkpoint_config=checkpoint_config),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    return trainer.fit()
