@@ -36,6 +36,7 @@ from lmd.checkpoint import (
 )
 from lmd.config import OptimConfig, TrainConfig, config_diff
 from lmd.data.latents import prepare_data
+from lmd.evaluation import reconstruction_psnr
 from lmd.masking import mask_ratio
 from lmd.model import MaskedLatentTransformer, build_model
 
@@ -157,10 +158,11 @@ class Engine:
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts (optimizer-side matmuls, eval)
-        self.projector = None
+        self.projector, self.val_images = None, None
         if train_data is None:
             data = prepare_data(cfg)
             train_data, val_latents, self.projector = data.train, data.val, data.projector
+            self.val_images = data.val_images
         self.data = train_data
         self.val_latents = val_latents
 
@@ -330,9 +332,17 @@ class Engine:
                         "wall_seconds": round(self.wall_offset, 4), "loss": sum(losses) / len(losses),
                         "loss_last": last_loss, "mask_ratio": ratio, "lr": lr}
                     if do_eval:
+                        eval_started = time.perf_counter()
                         row["val_masked_mse"] = self.evaluate(ratio)
                         row["val_masked_mse_fixed"] = self.evaluate(self.cfg.mask.eval_ratio)
                         row["eval_ratio"] = self.cfg.mask.eval_ratio
+                        if self.projector is not None and self.val_images is not None:
+                            n = self.val_images.shape[0]
+                            row["val_psnr"] = reconstruction_psnr(self.model, self.projector, self.val_latents[:n],
+                                                                  self.val_images, self.cfg.mask.eval_ratio)
+                        # The training clock (wall_seconds, time-to-target) excludes evaluation, whose
+                        # cost differs by variant (decoding latents vs pasting pixels).
+                        started += time.perf_counter() - eval_started
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                     log.info("step %d/%d loss %.5f ratio %.3f lr %.2e%s", self.step, total, row["loss"], ratio,

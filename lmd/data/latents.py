@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_SEED = 1234  # the synthetic dataset does not change with the run seed
 SPLITS = ("train", "val")
+PSNR_IMAGES = 32  # held-out images decoded at each evaluation (decoding is the slow part on CPU)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunData:
     val: torch.Tensor  # [N, C, H, W] held-out latents, in memory for evaluation
     projector: Projector | None
     store: Path | None
+    val_images: torch.Tensor | None = None  # the first held-out images, for decoded PSNR
 
 
 def cache_root() -> Path:
@@ -128,4 +130,16 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
     else:
         train = InMemoryLatents(read_store(root / "train", validate=False), d.batch_size, seed=cfg.run.seed)
     log.info("latents: %s (%d train items, %d val) via %s", root, count, val.shape[0], loader)
-    return RunData(train, val, projector, root)
+    return RunData(train, val, projector, root, val_images(root, min(PSNR_IMAGES, val.shape[0])))
+
+
+def val_images(root: Path, num: int) -> torch.Tensor | None:
+    """The first `num` held-out images the val store was made from (re-rendered deterministically)."""
+    source = read_manifest(root / "val")["source"]
+    try:
+        images = image_source(source["dataset"], "val", source["resolution"], source.get("num_items"),
+                              source.get("seed", 0))
+        return images.images(0, num)
+    except (KeyError, ValueError, OSError) as err:  # e.g. a user store whose image folder moved
+        log.warning("no held-out images for PSNR (%s); reporting latent metrics only", err)
+        return None

@@ -1,0 +1,55 @@
+"""Image-space quality of a masked-latent model: decode (visible + predicted) patches, compare to images.
+
+What makes latent and pixel variants comparable (shared/DESIGN.md "Quality metrics"): the masked
+MSE lives in each variant's own space, but PSNR of the decoded reconstruction against the
+original held-out images is in one space for all. Latent variants decode through their projector;
+pixel variants (identity projector) paste their visible patches back as they are. The projector's
+own reconstruction PSNR (nothing masked) is the ceiling a latent variant can reach.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmd.model import MaskedLatentTransformer, patchify, unpatchify
+from lmd.projector.base import Projector
+from lmd.projector.quality import psnr
+
+PSNR_SEED = 20_240_202  # the masks of the PSNR evaluation, the same at every eval and in every run
+
+
+@torch.no_grad()
+def reconstruct(model: MaskedLatentTransformer, latents: torch.Tensor, ratio: float,
+                noise: torch.Tensor) -> torch.Tensor:
+    """Latents [N, C, H, W] with their masked patches replaced by the model's predictions."""
+    patches = patchify(latents, model.cfg.patch_size)  # [N, L, P]
+    _, pred, mask = model(latents, ratio, noise)
+    pred = pred.float()
+    if model.cfg.norm_target:  # predictions are per-patch normalised: restore with the patch's stats (as MAE)
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    mixed = torch.where(mask.bool().unsqueeze(-1), pred, patches)
+    return unpatchify(mixed, model.cfg.patch_size, model.cfg.in_chans)
+
+
+@torch.no_grad()
+def reconstruction_psnr(model: MaskedLatentTransformer, projector: Projector, latents: torch.Tensor,
+                        images: torch.Tensor, ratio: float, batch_size: int = 32) -> float:
+    """Mean per-image PSNR (dB) of decode(visible + predicted latents) against `images`, at `ratio`."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    values = []
+    for i in range(0, latents.shape[0], batch_size):
+        chunk = latents[i:i + batch_size].to(device)
+        gen.manual_seed(PSNR_SEED + i)
+        noise = torch.rand(chunk.shape[0], model.cfg.num_patches, device=device, generator=gen)
+        decoded = projector.to(device).decode(reconstruct(model, chunk, ratio, noise))
+        values.append(psnr(images[i:i + batch_size].to(device), decoded).cpu())
+    return torch.cat(values).mean().item()
+
+
+@torch.no_grad()
+def projector_ceiling_psnr(projector: Projector, latents: torch.Tensor, images: torch.Tensor) -> float:
+    """PSNR of decoding the stored latents unmasked: the best any model on these latents can do."""
+    return psnr(images, projector.cpu().decode(latents.cpu())).mean().item()

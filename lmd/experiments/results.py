@@ -1,0 +1,106 @@
+"""Tune results -> one tidy table (Parquet) -> the ablation summary.
+
+Table contract (shared/DESIGN.md): one row per trial x report with trial_id, variant, seed, step,
+samples_seen, wall_seconds, device_seconds and the metrics. Summary per variant: mean and 95%
+t-interval over seeds of the final PSNR and masked MSE, time-to-target (training seconds until the
+held-out PSNR first reaches the pixel-MAE baseline's mean final PSNR), speedup against pixel MAE
+and device-hours.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from scipy import stats
+
+SCHEMA_VERSION = 1
+ID_COLUMNS = ["trial_id", "variant", "seed", "step", "samples_seen", "wall_seconds", "device_seconds"]
+METRIC_COLUMNS = ["loss", "mask_ratio", "lr", "val_masked_mse", "val_masked_mse_fixed", "val_psnr"]
+
+
+def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
+    """Every reported row of every trial of a `ResultGrid`."""
+    frames = []
+    for result in results:
+        df = result.metrics_dataframe
+        if df is None or df.empty:
+            continue
+        df = df.copy()
+        df["trial_id"] = result.path.rstrip("/").split("/")[-1] if result.path else str(len(frames))
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=ID_COLUMNS + METRIC_COLUMNS)
+    table = pd.concat(frames, ignore_index=True)
+    for column in METRIC_COLUMNS:
+        if column not in table:
+            table[column] = float("nan")
+    table["device_seconds"] = table["wall_seconds"] * devices_per_trial
+    table = table[ID_COLUMNS + METRIC_COLUMNS].sort_values(["variant", "seed", "step"], ignore_index=True)
+    table.attrs["schema_version"] = SCHEMA_VERSION
+    return table
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def _interval(values: pd.Series) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
+    values = values.dropna()
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = float(values.mean())
+    if n == 1:
+        return mean, float("nan")
+    return mean, float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def time_to_target(trial: pd.DataFrame, target: float) -> float:
+    """Training seconds until the trial's held-out PSNR first reaches `target` (nan if never)."""
+    reached = trial[trial["val_psnr"] >= target]
+    return float(reached["wall_seconds"].iloc[0]) if len(reached) else float("nan")
+
+
+def summarize(table: pd.DataFrame, baseline: str = "pixel_mae") -> pd.DataFrame:
+    final = table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
+    target = float(final.loc[final["variant"] == baseline, "val_psnr"].mean()) if baseline in set(
+        final["variant"]) else float("nan")
+    rows = []
+    for variant, group in final.groupby("variant"):
+        ttt = pd.Series([time_to_target(table[table["trial_id"] == t].sort_values("step"), target)
+                         for t in group["trial_id"]])
+        psnr_mean, psnr_ci = _interval(group["val_psnr"])
+        mse_mean, mse_ci = _interval(group["val_masked_mse_fixed"])
+        ttt_mean, ttt_ci = _interval(ttt)
+        rows.append({"variant": variant, "seeds": len(group), "psnr": psnr_mean, "psnr_ci95": psnr_ci,
+                     "masked_mse": mse_mean, "masked_mse_ci95": mse_ci, "time_to_target_s": ttt_mean,
+                     "time_to_target_ci95": ttt_ci, "reached_target": f"{int(ttt.notna().sum())}/{len(ttt)}",
+                     "device_hours": float(group["device_seconds"].sum()) / 3600})
+    summary = pd.DataFrame(rows)
+    if summary.empty:
+        return summary
+    base_ttt = summary.loc[summary["variant"] == baseline, "time_to_target_s"]
+    summary["speedup_vs_pixel_mae"] = (float(base_ttt.iloc[0]) / summary["time_to_target_s"]
+                                       if len(base_ttt) else float("nan"))
+    summary.attrs["target_psnr"] = target
+    return summary.sort_values("variant", ignore_index=True)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    if summary.empty:
+        return "no finished trials with evaluations"
+    lines = [f"target PSNR (pixel MAE's mean final): {summary.attrs.get('target_psnr', float('nan')):.2f} dB",
+             f"{'variant':<16}{'seeds':>6}{'PSNR dB (95% CI)':>20}{'masked MSE (95% CI)':>24}"
+             f"{'time-to-target s':>18}{'reached':>9}{'speedup':>9}{'device-h':>10}"]
+    for r in summary.itertuples():
+        lines.append(f"{r.variant:<16}{r.seeds:>6}{f'{r.psnr:.2f} ± {r.psnr_ci95:.2f}':>20}"
+                     f"{f'{r.masked_mse:.4f} ± {r.masked_mse_ci95:.4f}':>24}{r.time_to_target_s:>18.1f}"
+                     f"{r.reached_target:>9}{r.speedup_vs_pixel_mae:>8.2f}x{r.device_hours:>10.4f}")
+    lines.append(f"total device-hours: {summary['device_hours'].sum():.4f}")
+    return "\n".join(lines)
