@@ -117,13 +117,18 @@ def test_killed_driver_resumes_at_the_last_checkpoint(tmp_path):
         time.sleep(0.2)
     newest = latest_checkpoint(storage / "drv")  # complete checkpoints only (they carry a manifest)
     assert newest is not None and newest.name != "step_00000600", "the run ended before the driver was killed"
-    last = newest.name
 
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = [line for line in rerun.stderr.splitlines() if "resumed from" in line]
-    # Resumed exactly at that checkpoint: nothing lost before it, nothing after it redone twice.
-    assert len(resumed) == 1 and resumed[0].endswith(f"{last} (step {int(last.split('_')[1])})"), resumed
+    assert len(resumed) == 1, resumed
+    step = int(resumed[0].rsplit("(step ", 1)[1].rstrip(")"))
+    # Resumed from a complete checkpoint in storage: the newest one, or the one before it when the driver
+    # died after the newest was copied but before Ray registered it. Steps after it are redone once;
+    # nothing before it is lost.
+    newest_step = int(newest.name.split("_")[1])
+    assert step in (newest_step, newest_step - 50), (step, newest_step)
+    assert (storage / "drv" / f"step_{step:08d}" / "manifest.json").is_file()
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["step"] == 600
 
 

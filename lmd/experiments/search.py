@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--projector", default="lmd-f8c4")
     p.add_argument("--dataset", default="bundled")
+    p.add_argument("--num-train", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--end-range", nargs=2, type=float, default=[0.5, 0.9], metavar=("LOW", "HIGH"))
     p.add_argument("--depth-range", nargs=2, type=int, default=[1, 4], metavar=("LOW", "HIGH"))
     p.add_argument("--decoder-depth-range", nargs=2, type=int, default=[1, 3], metavar=("LOW", "HIGH"))
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_ranges(args)
         base = {"model.preset": args.preset, "data.dataset": args.dataset, "data.projector": args.projector,
+                "data.num_train": args.num_train, "data.batch_size": args.batch_size,
                 "run.steps": args.budget, "run.seed": 0, "run.eval_every": args.eval_every,
                 "run.log_every": args.eval_every, "run.ckpt_every": args.eval_every,
                 "run.device": "cuda" if args.gpus_per_trial > 0 else "cpu"}

@@ -1,0 +1,128 @@
+"""The ablation and the search on real Ray Tune + Optuna, at tiny budgets: results, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from lmd.experiments.results import ID_COLUMNS, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["--budget", "20", "--eval-every", "10", "--num-train", "128", "--batch-size", "16"]
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "tune" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_ablation_writes_a_tidy_table_and_a_summary(tmp_path):
+    proc = _run("ablation.py", "--variants", "lmd_cosine", "pixel_mae", "--seeds", "2", *SMALL,
+                "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(tmp_path / "ablation" / "results.parquet")
+    assert set(ID_COLUMNS) <= set(table.columns) and {"val_psnr", "val_masked_mse_fixed"} <= set(table.columns)
+    assert table["trial_id"].nunique() == 4
+    assert sorted(table.groupby("trial_id")["step"].apply(list).tolist()) == [[10, 20]] * 4  # each report once
+    assert table["val_psnr"].between(5, 60).all() and (table["device_seconds"] > 0).all()
+    summary = json.loads((tmp_path / "ablation" / "summary.json").read_text())
+    assert {r["variant"] for r in summary} == {"lmd_cosine", "pixel_mae"} and all(r["seeds"] == 2 for r in summary)
+    assert "target PSNR (pixel MAE's mean final)" in proc.stdout and "lmd_cosine" in proc.stdout
+
+
+def test_summary_statistics_and_time_to_target():
+    rows = []
+    for seed, (early, late) in enumerate([(10.0, 12.0), (11.0, 13.0)]):
+        for step, psnr, wall in ((10, early, 1.0), (20, late, 2.0)):
+            rows.append({"trial_id": f"pix{seed}", "variant": "pixel_mae", "seed": seed, "step": step,
+                         "samples_seen": step, "wall_seconds": 2 * wall, "device_seconds": 2 * wall, "val_psnr": psnr,
+                         "val_masked_mse_fixed": 0.1})
+            rows.append({"trial_id": f"lmd{seed}", "variant": "lmd_cosine", "seed": seed, "step": step,
+                         "samples_seen": step, "wall_seconds": wall, "device_seconds": wall, "val_psnr": psnr + 2,
+                         "val_masked_mse_fixed": 0.2})
+    summary = summarize(pd.DataFrame(rows)).set_index("variant")
+    assert summary.attrs["target_psnr"] == pytest.approx(12.5)  # the baseline's mean final PSNR
+    assert summary.loc["pixel_mae", "psnr"] == pytest.approx(12.5)
+    assert summary.loc["pixel_mae", "psnr_ci95"] == pytest.approx(12.706 * 0.5, rel=1e-3)  # t(0.975, 1) * s / sqrt(2)
+    # lmd reaches 12.5 at its first eval in one seed (1 s) and at its second in the other (2 s)...
+    assert summary.loc["lmd_cosine", "time_to_target_s"] == pytest.approx(1.5)
+    # ...pixel MAE only at its last eval of the seed that ends above the mean (4 s): speedup 4 / 1.5.
+    assert summary.loc["pixel_mae", "reached_target"] == "1/2"
+    assert summary.loc["lmd_cosine", "speedup_vs_pixel_mae"] == pytest.approx(4 / 1.5)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--variants", "lmd_cosine", "nope"], "--variants: unknown nope"),
+    (["--seeds", "0"], "--seeds=0"),
+])
+def test_ablation_bad_input_is_one_line(tmp_path, args, message):
+    proc = _run("ablation.py", *args, "--storage", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("ablation: error:") and message in proc.stderr
+
+
+def test_search_bad_range_is_refused(tmp_path):
+    proc = _run("search.py", "--end-range", "0.9", "0.5", "--storage", str(tmp_path))
+    assert proc.returncode == 2 and "--end-range 0.9 0.5: empty or inverted range" in proc.stderr
+
+
+def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
+    args = [sys.executable, str(REPO / "tune" / "ablation.py"), "--variants", "lmd_cosine", "no_scheduler",
+            "--seeds", "2", "--budget", "60", "--eval-every", "10", "--num-train", "128", "--batch-size", "16",
+            "--storage", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    experiment, deadline = tmp_path / "ablation", time.monotonic() + 300
+
+    def finished_trials() -> set[str]:
+        done = set()
+        for result in experiment.glob("*/result.json"):
+            lines = result.read_text().splitlines()
+            if lines and json.loads(lines[-1]).get("step") == 60:
+                done.add(result.parent.name)
+        return done
+
+    while not finished_trials() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = finished_trials()
+    assert before, "no trial finished before the kill"
+    first_rows = {t: (experiment / t / "result.json").read_text() for t in before}
+    # Existing experiment without --resume: refused, nothing overwritten.
+    refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = pd.read_parquet(experiment / "results.parquet")
+    assert table["trial_id"].nunique() == 4
+    assert table.groupby("trial_id")["step"].apply(lambda s: sorted(s) == list(range(10, 61, 10))).all()
+    for trial in before:  # finished trials were not run again
+        assert (experiment / trial / "result.json").read_text() == first_rows[trial]
+
+
+def test_search_persists_one_optuna_study_with_each_trial_once(tmp_path):
+    proc = _run("search.py", "--samples", "3", "--budget", "20", "--eval-every", "10", "--num-train", "128",
+                "--batch-size", "16", "--storage", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    journal = tmp_path / "search" / "optuna.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="search", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 3 and len({t.number for t in trials}) == 3
+    for t in trials:
+        assert {"scheduler", "mask_end", "depth", "decoder_depth", "lr"} <= set(t.params)
+        assert ("mask_start" in t.params) == (t.params["scheduler"] != "constant")
+    assert pd.read_parquet(tmp_path / "search" / "results.parquet")["trial_id"].nunique() == 3
