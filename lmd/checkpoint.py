@@ -126,6 +126,15 @@ def sweep_stale(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def adopt_checkpoint(source: Path, root: Path) -> Path:
+    """Copy a checkpoint folder handed back by Ray (any name, e.g. a temp download) into `root`,
+    named by its manifest's step, so `latest_checkpoint(root)` and a resume find it."""
+    step = read_manifest(source)["step"]
+    target = root / f"{_PREFIX}{step:08d}"
+    shutil.copytree(source, target)
+    return target
+
+
 def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     path = ckpt_dir / MANIFEST_FILE
     try:

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from lmd.checkpoint import read_manifest
+from lmd.checkpoint import adopt_checkpoint
 from lmd.config import TrainConfig
 from lmd.data.memory import InMemoryLatents
-from lmd.engine import Engine
+from lmd.engine import CHECKPOINT_DIR, Engine
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from lmd.data.latents import SYNTHETIC_SEED, synthetic_latents
+    from lmd.data.latents import synthetic_data
 
     cfg = TrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     if d.dataset == "synthetic":
-        train = synthetic_latents(d.num_train, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED)
-        val = synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED + 1)
+        train, val = synthetic_data(cfg)
     else:
         train, _ = _materialize(ray.train.get_dataset_shard("train"))
         val, _ = _materialize(ray.train.get_dataset_shard("val"))
@@ -129,9 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as restored:
-            # Named by its manifest: a checkpoint fetched from remote storage lands in a temp folder.
-            step = read_manifest(Path(restored))["step"]
-            shutil.copytree(restored, scratch / "checkpoints" / f"step_{step:08d}")
+            adopt_checkpoint(Path(restored), scratch / CHECKPOINT_DIR)
     local_cfg = replace(cfg, run=replace(cfg.run, keep_last=1))  # storage keeps the history, not scratch
     engine = Engine(local_cfg, scratch, train_data=InMemoryLatents(train, d.batch_size, seed=cfg.run.seed),
                     val_latents=val, device=ray.train.torch.get_device(), rank=rank, world_size=world)

@@ -107,11 +107,17 @@ def resolve_loader(loader: str, manifest: dict[str, Any], memory_limit_mb: int) 
     return "memory" if decoded_mb <= memory_limit_mb else "ray"
 
 
-def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
+def synthetic_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) synthetic latents shaped for the model; the same for every run seed."""
     d, m = cfg.data, cfg.model
+    train = synthetic_latents(d.num_train, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED)
+    return train, synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED + 1)
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
+    d = cfg.data
     if d.dataset == "synthetic":
-        train = synthetic_latents(d.num_train, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED)
-        val = synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED + 1)
+        train, val = synthetic_data(cfg)
         return RunData(InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val, None, None)
 
     root, projector = resolve_store(cfg, progress)

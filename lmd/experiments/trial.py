@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lmd.checkpoint import read_manifest
+from lmd.checkpoint import adopt_checkpoint
 from lmd.config import TrainConfig
-from lmd.engine import Engine
+from lmd.engine import CHECKPOINT_DIR, Engine
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -31,8 +31,7 @@ def run_trial(config: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as restored:
-            step = read_manifest(Path(restored))["step"]
-            shutil.copytree(restored, scratch / "checkpoints" / f"step_{step:08d}")
+            adopt_checkpoint(Path(restored), scratch / CHECKPOINT_DIR)
 
     def report(row: dict[str, Any], ckpt: Path | None) -> None:
         saved = tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
