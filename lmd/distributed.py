@@ -133,7 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = Engine(local_cfg, scratch, train_data=InMemoryLatents(train, d.batch_size, seed=cfg.run.seed),
                     val_latents=val, device=ray.train.torch.get_device(), rank=rank, world_size=world)
     engine.forward = ray.train.torch.prepare_model(engine.model)  # DDP when world > 1
-    engine.reporter = _reporter(_placement(world))
+    engine.reporter = _reporter({**_placement(world), **config.get("tags", {})})
     try:
         engine.fit(resume=checkpoint is not None)
     finally:
@@ -145,8 +145,13 @@ def run_name(cfg: TrainConfig) -> str:
     return f"lmd-{cfg.model.preset}-{cfg.mask.scheduler}-s{cfg.run.seed}"
 
 
-def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig) -> Any:
-    """Train with Ray Train; returns the `ray.train.Result`. Rerunning with the same name resumes."""
+def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | None = None,
+                    tags: dict[str, Any] | None = None) -> Any:
+    """Train with Ray Train; returns the `ray.train.Result`. Rerunning with the same name resumes.
+
+    `callbacks` (e.g. Tune's TuneReportCallback) and `tags` (extra columns on every reported row)
+    serve the Tune driver-function pattern: a Tune trial that fits a multi-worker TorchTrainer.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -168,13 +173,13 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig) -> Any:
     resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict()},
+        train_loop_config={"cfg": cfg.to_dict(), "tags": tags or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cluster.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy="STRICT_SPREAD" if cluster.spread else "PACK"),
         run_config=ray.train.RunConfig(name=cluster.name or run_name(cfg), storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
-                                       checkpoint_config=checkpoint_config),
+                                       checkpoint_config=checkpoint_config, callbacks=callbacks or []),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )

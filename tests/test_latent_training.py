@@ -47,8 +47,8 @@ def store(tmp_path_factory) -> Path:
     return out
 
 
-TRAIN = ["train", "--preset", "tiny", "--resolution", "64", "--steps", "12", "--batch-size", "8",
-         "--log-every", "2", "--eval-every", "6", "--ckpt-every", "6"]
+TRAIN = ["train", "--preset", "tiny", "--resolution", "64", "--steps", "10", "--batch-size", "8",
+         "--log-every", "2", "--eval-every", "5", "--ckpt-every", "5"]
 
 
 def test_precompute_writes_train_and_val_stores(store):
