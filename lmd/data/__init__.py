@@ -1,4 +1,4 @@
-"""Data sources for training: latents held in memory (this package grows a Parquet store later)."""
+"""Data sources: image sources, the Parquet latent store, its Ray Data stream, and in-memory latents."""
 
 from lmd.data.memory import InMemoryLatents, synthetic_latents
 

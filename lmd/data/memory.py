@@ -4,7 +4,7 @@
 a generator seeded with (seed, e). The data position of a run is therefore just its step count,
 which is what makes stop + resume bit-identical to an uninterrupted run.
 
-`synthetic_latents` makes the default dataset until the projector and Parquet store exist:
+`synthetic_latents` makes the `--dataset synthetic` fields (loop tests without images or projector):
 smooth, spatially correlated 4-channel fields (a per-sample offset plus random low-frequency
 plane waves with mixed channels), so that masked patches are predictable from visible neighbours the way real
 image latents are, and a model that learns shows a falling loss.
