@@ -116,9 +116,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     d = cfg.data
+    from_store = d.dataset != "synthetic" and d.loader == "memory"
     if d.dataset == "synthetic":
         train, val = synthetic_data(cfg)
-    else:
+    elif not from_store:
         train, _ = _materialize(ray.train.get_dataset_shard("train"))
         val, _ = _materialize(ray.train.get_dataset_shard("val"))
 
@@ -130,8 +131,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as restored:
             adopt_checkpoint(Path(restored), scratch / CHECKPOINT_DIR)
     local_cfg = replace(cfg, run=replace(cfg.run, keep_last=1))  # storage keeps the history, not scratch
-    engine = Engine(local_cfg, scratch, train_data=InMemoryLatents(train, d.batch_size, seed=cfg.run.seed),
-                    val_latents=val, device=ray.train.torch.get_device(), rank=rank, world_size=world)
+    device = ray.train.torch.get_device()
+    if from_store:  # the worker reads the store itself (and has the projector, so val_psnr is reported too)
+        engine = Engine(local_cfg, scratch, device=device, rank=rank, world_size=world)
+    else:
+        engine = Engine(local_cfg, scratch, train_data=InMemoryLatents(train, d.batch_size, seed=cfg.run.seed),
+                        val_latents=val, device=device, rank=rank, world_size=world)
     engine.forward = ray.train.torch.prepare_model(engine.model)  # DDP when world > 1
     engine.reporter = _reporter({**_placement(world), **config.get("tags", {})})
     try:
@@ -160,10 +165,12 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
     datasets = {}
     if cfg.data.dataset != "synthetic":
         from lmd.data.latents import resolve_store
-        from lmd.data.stream import ray_dataset
 
-        root, _ = resolve_store(cfg)  # validated against the run before any worker starts
-        datasets = {"train": ray_dataset(root / "train"), "val": ray_dataset(root / "val")}
+        root, _ = resolve_store(cfg)  # built once and validated against the run before any worker starts
+        if cfg.data.loader != "memory":  # "memory": each worker reads the store from a path its node sees
+            from lmd.data.stream import ray_dataset
+
+            datasets = {"train": ray_dataset(root / "train"), "val": ray_dataset(root / "val")}
     storage = cluster.storage if "://" in cluster.storage else str(Path(cluster.storage).resolve())
     checkpoint_config = ray.train.CheckpointConfig(
         num_to_keep=cfg.run.keep_last,

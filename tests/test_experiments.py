@@ -128,3 +128,52 @@ def test_search_persists_one_optuna_study_with_each_trial_once(tmp_path):
         assert ("mask_start" in t.params) == (t.params["scheduler"] != "constant")
     assert pd.read_parquet(tmp_path / "search" / "results.parquet")["trial_id"].nunique() == 2
 
+
+
+def test_multi_worker_trial_trains_like_the_single_process_engine(tmp_path):
+    """Driver-function pattern: each trial fits a 2-worker TorchTrainer; rows reach Tune and match the engine."""
+    from lmd.config import TrainConfig
+    from lmd.engine import Engine
+    from lmd.experiments.ablation import parse_args, trial_configs
+
+    flags = ["--variants", "lmd_cosine", "--seeds", "1", *SMALL, "--workers-per-trial", "2", "--storage", str(tmp_path)]
+    proc = _run("ablation.py", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(tmp_path / "ablation" / "results.parquet").set_index("step")
+    assert table.index.tolist() == [10, 20] and (table["workers"] == 2).all()
+    assert (tmp_path / "ablation" / "train").is_dir()  # the trial's Train run lives under the experiment
+
+    cfg = TrainConfig.from_dict(trial_configs(parse_args(flags))[0]["cfg"])
+    rows = []
+    Engine(cfg, tmp_path / "single", reporter=lambda row, _ckpt: rows.append(row)).fit()
+    single = pd.DataFrame(rows).set_index("step")
+    assert table["loss"].to_numpy() == pytest.approx(single["loss"].to_numpy(), rel=1e-4)
+    assert table["val_psnr"].to_numpy() == pytest.approx(single["val_psnr"].to_numpy(), abs=0.05)
+
+
+def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
+    args = [sys.executable, str(REPO / "tune" / "search.py"), "--samples", "3", "--budget", "40", "--eval-every",
+            "10", "--num-train", "128", "--batch-size", "16", "--storage", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    experiment, deadline = tmp_path / "search", time.monotonic() + 300
+
+    def reported_trials() -> int:
+        return sum(1 for r in experiment.glob("*/result.json") if r.read_text().strip())
+
+    while reported_trials() < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal")))
+    trials = optuna.load_study(study_name="search", storage=storage).get_trials(deepcopy=False)
+    assert len(trials) == 3, [(t.number, t.state) for t in trials]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]
+    table = pd.read_parquet(experiment / "results.parquet")
+    assert table["trial_id"].nunique() == 3
+    assert not table.duplicated(["trial_id", "step"]).any()

@@ -21,7 +21,14 @@ from typing import Any
 
 from lmd.config import ConfigError, TrainConfig, build_config
 from lmd.experiments.results import format_summary, summarize, tidy_table, write_table
-from lmd.experiments.trial import run_trial
+from lmd.experiments.trial import (
+    check_trial_placement,
+    max_concurrent_trials,
+    placement,
+    run_trial,
+    trial_dirname,
+    trial_resources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default: local Ray)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="data-parallel Ray Train workers per trial (>1: each trial fits a TorchTrainer; "
+                        "the trial's CPUs/GPUs are split over its workers)")
     p.add_argument("--storage", default="runs/tune")
     p.add_argument("--name", default="ablation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this --name")
@@ -67,6 +77,7 @@ def trial_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ConfigError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.seeds < 1 or args.budget < 1:
         raise ConfigError(f"--seeds={args.seeds} / --budget={args.budget}: must be >= 1")
+    check_trial_placement(args)
     trials = []
     for variant in args.variants:
         for seed in range(args.seeds):
@@ -76,7 +87,7 @@ def trial_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "run.seed": seed, "run.eval_every": args.eval_every, "run.log_every": args.eval_every,
                 "run.ckpt_every": args.eval_every, "run.device": "cuda" if args.gpus_per_trial > 0 else "cpu",
                 **VARIANTS[variant]})
-            trials.append({"cfg": cfg.to_dict(), "variant": variant, "seed": seed})
+            trials.append({"cfg": cfg.to_dict(), "variant": variant, "seed": seed, **placement(args)})
     return trials
 
 
@@ -107,17 +118,18 @@ def run(args: argparse.Namespace) -> int:
         _check_reachable(args.address)
     ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
-        trainable = tune.with_resources(run_trial, resources)
+        trainable = tune.with_resources(run_trial, trial_resources(args.workers_per_trial, args.cpus_per_trial,
+                                                                   args.gpus_per_trial))
         if args.resume:
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            cpus = ray.cluster_resources().get("CPU", 1)
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(trials)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // args.cpus_per_trial))),
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=max_concurrent_trials(args.cpus_per_trial, args.gpus_per_trial),
+                    trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(name=args.name, storage_path=storage,
                                           failure_config=tune.FailureConfig(max_failures=1), verbose=0))
         results = tuner.fit()

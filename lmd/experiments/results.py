@@ -19,6 +19,7 @@ from scipy import stats
 SCHEMA_VERSION = 1
 ID_COLUMNS = ["trial_id", "variant", "seed", "step", "samples_seen", "wall_seconds", "device_seconds"]
 METRIC_COLUMNS = ["loss", "mask_ratio", "lr", "val_masked_mse", "val_masked_mse_fixed", "val_psnr"]
+PLACEMENT_COLUMNS = ["workers"]  # data-parallel workers of the trial (1: the engine ran in the trial's process)
 
 
 def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
@@ -32,13 +33,17 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
         df["trial_id"] = result.path.rstrip("/").split("/")[-1] if result.path else str(len(frames))
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=ID_COLUMNS + METRIC_COLUMNS)
+        return pd.DataFrame(columns=ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS)
     table = pd.concat(frames, ignore_index=True)
     for column in METRIC_COLUMNS:
         if column not in table:
             table[column] = float("nan")
+    table["workers"] = table["workers"].fillna(1).astype("int64") if "workers" in table else 1
     table["device_seconds"] = table["wall_seconds"] * devices_per_trial
-    table = table[ID_COLUMNS + METRIC_COLUMNS].sort_values(["variant", "seed", "step"], ignore_index=True)
+    # A trial resumed after a driver crash may report a step again (from its last checkpoint): keep the newest.
+    table = table.drop_duplicates(["trial_id", "step"], keep="last")
+    table = table[ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS]
+    table = table.sort_values(["variant", "seed", "step"], ignore_index=True)
     table.attrs["schema_version"] = SCHEMA_VERSION
     return table
 

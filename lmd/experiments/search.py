@@ -16,7 +16,14 @@ from typing import Any
 
 from lmd.config import ConfigError, build_config
 from lmd.experiments.results import tidy_table, write_table
-from lmd.experiments.trial import run_trial
+from lmd.experiments.trial import (
+    check_trial_placement,
+    max_concurrent_trials,
+    placement,
+    run_trial,
+    trial_dirname,
+    trial_resources,
+)
 
 METRIC, MODE = "val_psnr", "max"
 
@@ -40,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address")
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="data-parallel Ray Train workers per trial (>1: each trial fits a TorchTrainer)")
     p.add_argument("--storage", default="runs/tune")
     p.add_argument("--name", default="search")
     p.add_argument("--resume", action="store_true")
@@ -60,6 +69,7 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise ConfigError(f"--end-range {args.end_range[0]} {args.end_range[1]}: mask ratios must stay below 1")
     if args.samples < 1 or args.budget < 1:
         raise ConfigError(f"--samples={args.samples} / --budget={args.budget}: must be >= 1")
+    check_trial_placement(args)
 
 
 class SearchSpace:
@@ -68,11 +78,11 @@ class SearchSpace:
     Suggests the searched params and returns the constant ones.
     """
 
-    def __init__(self, args: argparse.Namespace, base: dict[str, Any]):
+    def __init__(self, args: argparse.Namespace, base: dict[str, Any], where: dict[str, Any]):
         self.schedulers = ["uniform", "piecewise", "cosine"] + (["constant"] if args.include_constant else [])
         self.end_range, self.lr_range = tuple(args.end_range), tuple(args.lr_range)
         self.depth_range, self.decoder_depth_range = tuple(args.depth_range), tuple(args.decoder_depth_range)
-        self.base = base
+        self.base, self.where = base, where
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         scheduler = trial.suggest_categorical("scheduler", self.schedulers)
@@ -83,7 +93,7 @@ class SearchSpace:
         trial.suggest_int("depth", *self.depth_range)
         trial.suggest_int("decoder_depth", *self.decoder_depth_range)
         trial.suggest_float("lr", *self.lr_range, log=True)
-        return {"base": self.base}
+        return {"base": self.base, "placement": self.where}
 
 
 def search_trial(params: dict[str, Any]) -> None:
@@ -96,7 +106,8 @@ def search_trial(params: dict[str, Any]) -> None:
         overrides["mask.start"] = min(params["mask_start"], params["mask_end"])
         overrides["mask.ramp"] = params["mask_ramp"]
     cfg = build_config(overrides=overrides)
-    run_trial({"cfg": cfg.to_dict(), "variant": params["scheduler"], "seed": base["run.seed"]})
+    run_trial({"cfg": cfg.to_dict(), "variant": params["scheduler"], "seed": base["run.seed"],
+               **params.get("placement", {})})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,20 +140,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     experiment.mkdir(parents=True, exist_ok=True)
     journal = JournalStorage(JournalFileBackend(str(experiment / "optuna.journal")))
-    searcher = OptunaSearch(SearchSpace(args, base), metric=METRIC, mode=MODE, study_name=args.name, storage=journal,
-                            sampler=optuna.samplers.TPESampler(seed=args.seed))
+    searcher = OptunaSearch(SearchSpace(args, base, placement(args)), metric=METRIC, mode=MODE, study_name=args.name,
+                            storage=journal, sampler=optuna.samplers.TPESampler(seed=args.seed))
     scheduler = ASHAScheduler(time_attr="step", max_t=args.budget, grace_period=min(args.budget, 2 * args.eval_every),
                               reduction_factor=2)
     ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        trainable = tune.with_resources(search_trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-        cpus = ray.cluster_resources().get("CPU", 1)
+        trainable = tune.with_resources(search_trial, trial_resources(args.workers_per_trial, args.cpus_per_trial,
+                                                                      args.gpus_per_trial))
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True) if (
             args.resume and tune.Tuner.can_restore(str(experiment))) else tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=METRIC, mode=MODE,
                                         num_samples=args.samples,
-                                        max_concurrent_trials=max(1, int(cpus // args.cpus_per_trial))),
+                                        max_concurrent_trials=max_concurrent_trials(args.cpus_per_trial,
+                                                                                    args.gpus_per_trial),
+                                        trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=args.name, storage_path=storage, verbose=0))
         results = tuner.fit()
     finally:

@@ -1,14 +1,20 @@
-"""One Tune trial = one engine run in the trial's process (a function trainable, no TorchTrainer).
+"""Tune trials over the same engine loop, in two shapes chosen by `workers` in the trial config.
 
-Why not a TorchTrainer per trial: on a small machine it costs ~20 s of start-up per trial, while a
-function trial starts in well under a second; the loop is the same `Engine.fit` either way.
-Each trial loads its (small, pre-built) latent store into memory once: Ray Data read tasks would
-otherwise compete with trials that hold every CPU. Checkpoints are the engine's verified format,
-handed to `tune.report`; a restored trial continues from its latest one at the exact step.
+- One worker: the engine runs in the trial's own process (a function trainable). A TorchTrainer
+  per trial costs ~20 s of start-up on a small machine, a function trial well under a second.
+  Checkpoints are the engine's verified format, handed to `tune.report`; a restored trial continues
+  from its latest one at the exact step.
+- Several workers: the trial is Ray's driver function for Tune over Train. It fits a data-parallel
+  TorchTrainer (lmd.distributed) whose rows reach Tune through TuneReportCallback; the trial holds
+  almost nothing itself (TRIAL_DRIVER_CPUS) and Ray Train places the workers.
+
+Either way each process loads the (small, pre-built) latent store into memory once, instead of
+streaming it with Ray Data: read tasks would otherwise wait behind trials that hold every CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 from dataclasses import replace
@@ -16,14 +22,69 @@ from pathlib import Path
 from typing import Any
 
 from lmd.checkpoint import adopt_checkpoint
-from lmd.config import TrainConfig
+from lmd.config import ConfigError, TrainConfig
 from lmd.engine import CHECKPOINT_DIR, Engine
+
+TRIAL_DRIVER_CPUS = 0.01  # a multi-worker trial only drives its TorchTrainer (Ray refuses 0)
+
+
+def trial_resources(workers: int, cpus_per_trial: float, gpus_per_trial: float) -> dict[str, float]:
+    """What Tune reserves for one trial; a multi-worker trial's workers are reserved by Ray Train."""
+    if workers > 1:
+        return {"cpu": TRIAL_DRIVER_CPUS}
+    return {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+
+
+def max_concurrent_trials(cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """As many trials as the cluster's CPUs (and GPUs, when trials use them) hold at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get("CPU", 1) // max(cpus_per_trial, TRIAL_DRIVER_CPUS))]
+    if gpus_per_trial > 0:
+        fits.append(int(total.get("GPU", 0) // gpus_per_trial))
+    return max(1, min(fits))
+
+
+def check_trial_placement(args: argparse.Namespace) -> None:
+    """Shared by the ablation and the search: per-trial resources and worker count."""
+    if args.workers_per_trial < 1:
+        raise ConfigError(f"--workers-per-trial={args.workers_per_trial}: must be >= 1")
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        raise ConfigError(f"--cpus-per-trial={args.cpus_per_trial} / --gpus-per-trial={args.gpus_per_trial}: "
+                          "must be > 0 and >= 0")
+    if args.batch_size % args.workers_per_trial:
+        raise ConfigError(f"--batch-size={args.batch_size}: must be divisible by --workers-per-trial="
+                          f"{args.workers_per_trial} (each worker trains an equal slice of the global batch)")
+
+
+def placement(args: argparse.Namespace) -> dict[str, Any]:
+    """The trial-config keys a multi-worker trial needs (lmd.experiments.trial)."""
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+    return {"workers": args.workers_per_trial, "cpus_per_trial": args.cpus_per_trial,
+            "gpus_per_trial": args.gpus_per_trial, "train_storage": f"{storage}/{args.name}/train"}
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short, readable trial folders (Tune's default embeds the whole flattened config)."""
+    config = trial.config.get("trial", trial.config)
+    label = config.get("variant") or config.get("scheduler") or "trial"
+    seed = f"_s{config['seed']}" if "seed" in config else ""
+    return f"{label}{seed}_{trial.trial_id}"
 
 
 def run_trial(config: dict[str, Any]) -> None:
+    """Tune trainable for every trial: dispatches on the trial's worker count."""
+    config = config.get("trial", config)  # grid-searched trials arrive under "trial"
+    if config.get("workers", 1) > 1:
+        _run_distributed_trial(config)
+    else:
+        _run_local_trial(config)
+
+
+def _run_local_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
-    config = config.get("trial", config)  # grid-searched trials arrive under "trial"
     cfg = TrainConfig.from_dict(config["cfg"])
     cfg = replace(cfg, data=replace(cfg.data, loader="memory"), run=replace(cfg.run, keep_last=1))
     tags = {key: config[key] for key in ("variant", "seed") if key in config}
@@ -42,3 +103,25 @@ def run_trial(config: dict[str, Any]) -> None:
         engine.fit(resume=checkpoint is not None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_distributed_trial(config: dict[str, Any]) -> None:
+    """The Train run is named after the trial and stored under the experiment (`train_storage`), so a
+    restored trial refits the same run and Ray Train resumes it from its latest checkpoint.
+    Per-trial CPUs and GPUs are split evenly over the workers."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from lmd.distributed import ClusterConfig, fit_distributed
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    cfg = replace(cfg, data=replace(cfg.data, loader="memory"))  # workers read the small store themselves
+    tags = {key: config[key] for key in ("variant", "seed") if key in config}
+    workers = config["workers"]
+    cluster = ClusterConfig(workers=workers, cpus_per_worker=config.get("cpus_per_trial", 1.0 * workers) / workers,
+                            gpus_per_worker=config.get("gpus_per_trial", 0.0) / workers,
+                            storage=config["train_storage"],
+                            name=tune.get_context().get_trial_id(), max_failures=config.get("max_failures", 1))
+    result = fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=tags)
+    if result.error is not None:
+        raise result.error
