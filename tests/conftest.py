@@ -33,3 +33,36 @@ def tiny_config(**overrides) -> TrainConfig:
             "optim.warmup_steps": 3, "data.dataset": "synthetic"}
     base.update(overrides)
     return build_config(overrides=base, preset="tiny")
+
+
+def run_tune_script(script: str, *args: str, timeout: float = 600):
+    """Run tune/<script> as a user would (a fresh process with its own Ray)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(repo / "tune" / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+SMALL_RUN = ["--budget", "20", "--eval-every", "10", "--num-train", "128", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="session")
+def ablation_run(tmp_path_factory):
+    """One real small ablation (2 variants x 2 seeds), shared by the results and dashboard tests."""
+    storage = tmp_path_factory.mktemp("ablation-storage")
+    proc = run_tune_script("ablation.py", "--variants", "lmd_cosine", "pixel_mae", "--seeds", "2", *SMALL_RUN,
+                           "--storage", str(storage))
+    return proc, storage / "ablation"
+
+
+@pytest.fixture(scope="session")
+def search_run(tmp_path_factory):
+    """One real small search with the conditional (constant) schedule allowed."""
+    storage = tmp_path_factory.mktemp("search-storage")
+    proc = run_tune_script("search.py", "--samples", "4", "--include-constant", *SMALL_RUN,
+                           "--storage", str(storage))
+    return proc, storage / "search"

@@ -14,7 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from lmd.experiments.results import ID_COLUMNS, summarize
+from lmd.experiments.results import COLUMNS, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--budget", "20", "--eval-every", "10", "--num-train", "128", "--batch-size", "16"]
@@ -26,18 +26,21 @@ def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedP
                           timeout=timeout, env=env)
 
 
-def test_ablation_writes_a_tidy_table_and_a_summary(tmp_path):
-    proc = _run("ablation.py", "--variants", "lmd_cosine", "pixel_mae", "--seeds", "2", *SMALL,
-                "--storage", str(tmp_path))
+def test_ablation_writes_a_tidy_table_and_a_summary(ablation_run):
+    proc, experiment = ablation_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = pd.read_parquet(tmp_path / "ablation" / "results.parquet")
-    assert set(ID_COLUMNS) <= set(table.columns) and {"val_psnr", "val_masked_mse_fixed"} <= set(table.columns)
+    table = pd.read_parquet(experiment / "results.parquet")
+    assert set(COLUMNS) <= set(table.columns)
     assert table["trial_id"].nunique() == 4
     assert sorted(table.groupby("trial_id")["step"].apply(list).tolist()) == [[10, 20]] * 4  # each report once
     assert table["val_psnr"].between(5, 60).all() and (table["device_seconds"] > 0).all()
-    summary = json.loads((tmp_path / "ablation" / "summary.json").read_text())
+    assert (table["workers"] == 1).all() and set(table["projector"]) == {"lmd-f8c4", "identity"}
+    assert set(zip(table["variant"], table["scheduler"], strict=True)) == {("lmd_cosine", "cosine"),
+                                                                          ("pixel_mae", "constant")}
+    summary = json.loads((experiment / "summary.json").read_text())
     assert {r["variant"] for r in summary} == {"lmd_cosine", "pixel_mae"} and all(r["seeds"] == 2 for r in summary)
     assert "target PSNR (pixel MAE's mean final)" in proc.stdout and "lmd_cosine" in proc.stdout
+    assert f"dashboard: {experiment / 'dashboard.html'}" in proc.stdout
 
 
 def test_summary_statistics_and_time_to_target():
@@ -114,20 +117,20 @@ def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
         assert (experiment / trial / "result.json").read_text() == first_rows[trial]
 
 
-def test_search_persists_one_optuna_study_with_each_trial_once(tmp_path):
-    proc = _run("search.py", "--samples", "2", "--budget", "20", "--eval-every", "10", "--num-train", "128",
-                "--batch-size", "16", "--storage", str(tmp_path))
+def test_search_persists_one_optuna_study_with_each_trial_once(search_run):
+    proc, experiment = search_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    journal = tmp_path / "search" / "optuna.journal"
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal")))
     study = optuna.load_study(study_name="search", storage=storage)
     trials = study.get_trials(deepcopy=False)
-    assert len(trials) == 2 and len({t.number for t in trials}) == 2
+    assert len(trials) == 4 and len({t.number for t in trials}) == 4
     for t in trials:
         assert {"scheduler", "mask_end", "depth", "decoder_depth", "lr"} <= set(t.params)
         assert ("mask_start" in t.params) == (t.params["scheduler"] != "constant")
-    assert pd.read_parquet(tmp_path / "search" / "results.parquet")["trial_id"].nunique() == 2
-
+    table = pd.read_parquet(experiment / "results.parquet")
+    assert table["trial_id"].nunique() == 4
+    assert set(table["variant"]) == set(table["scheduler"]) <= {"uniform", "piecewise", "cosine", "constant"}
 
 
 def test_multi_worker_trial_trains_like_the_single_process_engine(tmp_path):

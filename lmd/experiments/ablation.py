@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lmd.config import ConfigError, TrainConfig, build_config
+from lmd.dashboard.page import render_after_experiment
+from lmd.experiments.pictures import write_pictures
 from lmd.experiments.results import format_summary, summarize, tidy_table, write_table
 from lmd.experiments.trial import (
     check_trial_placement,
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     summary.to_json(experiment / "summary.json", orient="records", indent=2)
     (experiment / "args.json").write_text(json.dumps(vars(args), indent=2))
     print(f"results: {experiment / 'results.parquet'} ({len(table)} rows, {table['trial_id'].nunique()} trials)")
+    write_pictures(results, table, experiment)
+    render_after_experiment(experiment)
     if errors:
         print(f"ablation: {len(errors)} trial(s) failed: {str(errors[0]).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -16,10 +16,14 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: + workers and the trial's config columns
+SCHEMA_KEY = b"lmd_results_schema"  # Parquet schema metadata: which version wrote the file
 ID_COLUMNS = ["trial_id", "variant", "seed", "step", "samples_seen", "wall_seconds", "device_seconds"]
 METRIC_COLUMNS = ["loss", "mask_ratio", "lr", "val_masked_mse", "val_masked_mse_fixed", "val_psnr"]
-PLACEMENT_COLUMNS = ["workers"]  # data-parallel workers of the trial (1: the engine ran in the trial's process)
+# Data-parallel workers of the trial (1: the engine ran in the trial's process) and what the trial trained.
+PLACEMENT_COLUMNS = ["workers"]
+CONFIG_COLUMNS = ["scheduler", "mask_start", "mask_end", "mask_ramp", "projector", "preset", "total_steps"]
+COLUMNS = ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS + CONFIG_COLUMNS
 
 
 def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
@@ -33,24 +37,29 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
         df["trial_id"] = result.path.rstrip("/").split("/")[-1] if result.path else str(len(frames))
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS)
+        return pd.DataFrame(columns=COLUMNS)
     table = pd.concat(frames, ignore_index=True)
-    for column in METRIC_COLUMNS:
+    for column in METRIC_COLUMNS + CONFIG_COLUMNS:
         if column not in table:
             table[column] = float("nan")
     table["workers"] = table["workers"].fillna(1).astype("int64") if "workers" in table else 1
     table["device_seconds"] = table["wall_seconds"] * devices_per_trial
     # A trial resumed after a driver crash may report a step again (from its last checkpoint): keep the newest.
     table = table.drop_duplicates(["trial_id", "step"], keep="last")
-    table = table[ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS]
+    table = table[COLUMNS]
     table = table.sort_values(["variant", "seed", "step"], ignore_index=True)
-    table.attrs["schema_version"] = SCHEMA_VERSION
     return table
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Atomically, with the schema version in the Parquet metadata (the dashboard checks it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), SCHEMA_KEY: str(SCHEMA_VERSION).encode()})
     tmp = path.with_name(f".{path.name}.tmp")
-    table.to_parquet(tmp, index=False)
+    pq.write_table(arrow, tmp)
     tmp.replace(path)
 
 

@@ -10,11 +10,14 @@ ramp. The Optuna study lives in a journal file next to the Tune results, so `opt
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from lmd.config import ConfigError, build_config
+from lmd.dashboard.page import render_after_experiment
+from lmd.experiments.pictures import write_pictures
 from lmd.experiments.results import tidy_table, write_table
 from lmd.experiments.trial import (
     check_trial_placement,
@@ -165,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
     print(f"best {METRIC}={best.metrics.get(METRIC):.3f} with {best.config}")
     print(f"results: {experiment / 'results.parquet'}; Optuna study: {experiment / 'optuna.journal'}")
+    (experiment / "args.json").write_text(json.dumps(vars(args), indent=2))
+    write_pictures(results, table, experiment, pick="best")
+    render_after_experiment(experiment)
     return 0
 
 

@@ -65,6 +65,14 @@ def placement(args: argparse.Namespace) -> dict[str, Any]:
             "gpus_per_trial": args.gpus_per_trial, "train_storage": f"{storage}/{args.name}/train"}
 
 
+def trial_tags(config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """Columns added to every reported row: what the trial is, so results read without its config."""
+    tags = {key: config[key] for key in ("variant", "seed") if key in config}
+    m = cfg.mask
+    return {**tags, "scheduler": m.scheduler, "mask_start": m.start, "mask_end": m.end, "mask_ramp": m.ramp,
+            "projector": cfg.data.projector, "preset": cfg.model.preset, "total_steps": cfg.run.steps}
+
+
 def trial_dirname(trial: Any) -> str:
     """Short, readable trial folders (Tune's default embeds the whole flattened config)."""
     config = trial.config.get("trial", trial.config)
@@ -87,7 +95,7 @@ def _run_local_trial(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.from_dict(config["cfg"])
     cfg = replace(cfg, data=replace(cfg.data, loader="memory"), run=replace(cfg.run, keep_last=1))
-    tags = {key: config[key] for key in ("variant", "seed") if key in config}
+    tags = trial_tags(config, cfg)
     scratch = Path(tempfile.mkdtemp(prefix="lmd-trial-"))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -116,7 +124,7 @@ def _run_distributed_trial(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.from_dict(config["cfg"])
     cfg = replace(cfg, data=replace(cfg.data, loader="memory"))  # workers read the small store themselves
-    tags = {key: config[key] for key in ("variant", "seed") if key in config}
+    tags = trial_tags(config, cfg)
     workers = config["workers"]
     cluster = ClusterConfig(workers=workers, cpus_per_worker=config.get("cpus_per_trial", 1.0 * workers) / workers,
                             gpus_per_worker=config.get("gpus_per_trial", 0.0) / workers,

@@ -1,0 +1,108 @@
+"""Figures of a search's Optuna study (read from its journal; nothing is re-run).
+
+Conditional parameters (mask_start and mask_ramp do not exist for the constant schedule) are
+handled explicitly: Optuna's importance evaluators only use parameters present in every trial, so
+importances are computed for the always-present parameters over all trials, and for each
+conditional group over the trials in which it exists (the figure says over how many).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+
+from lmd.dashboard.figures import LAYOUT, variant_colors
+
+
+def completed_trials(study: Any) -> list[Any]:
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
+            and t.value is not None]
+
+
+def history_figure(study: Any) -> go.Figure:
+    from optuna.visualization import plot_optimization_history
+
+    fig = plot_optimization_history(study, target_name="held-out PSNR (dB)")
+    fig.update_layout(**LAYOUT, title=None)
+    return fig
+
+
+def parallel_figure(study: Any) -> go.Figure:
+    from optuna.visualization import plot_parallel_coordinate
+
+    fig = plot_parallel_coordinate(study, target_name="PSNR (dB)")
+    fig.update_layout(**{**LAYOUT, "height": 460}, title=None)
+    return fig
+
+
+def _importances(trials: list[Any], params: list[str], direction: Any) -> dict[str, float]:
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sub = optuna.create_study(direction=direction)
+    sub.add_trials(trials)
+    return get_param_importances(sub, params=params, evaluator=FanovaImportanceEvaluator(seed=0))
+
+
+def param_groups(trials: list[Any]) -> list[tuple[list[str], list[Any]]]:
+    """[(params, trials having all of them)]: the always-present params first, then each conditional set."""
+    every = set.intersection(*(set(t.params) for t in trials))
+    groups = [(sorted(every), trials)]
+    conditional: dict[frozenset[str], list[Any]] = {}
+    for t in trials:
+        extra = frozenset(set(t.params) - every)
+        if extra:
+            conditional.setdefault(extra, []).append(t)
+    for extra, having in sorted(conditional.items(), key=lambda kv: sorted(kv[0])):
+        groups.append((sorted(extra), having))
+    return groups
+
+
+def importance_figure(study: Any) -> go.Figure:
+    """fANOVA importances; conditional parameters over the trials where they apply."""
+    trials = completed_trials(study)
+    names, values, hover = [], [], []
+    notes = []
+    for params, having in param_groups(trials):
+        distinct = {tuple(t.params[p] for p in params) for t in having}
+        if len(having) < 2 or len(distinct) < 2:
+            notes.append(f"{', '.join(params)}: too few trials ({len(having)}) to estimate")
+            continue
+        try:
+            result = _importances(having, params, study.direction)
+        except (RuntimeError, ValueError) as err:  # e.g. every trial has the same objective value
+            notes.append(f"{', '.join(params)}: not estimable ({err})")
+            continue
+        conditional = having is not trials
+        for name, value in result.items():
+            names.append(f"{name}{' (conditional)' if conditional else ''}")
+            values.append(value)
+            hover.append(f"over {len(having)} of {len(trials)} trials")
+    fig = go.Figure(go.Bar(x=values, y=names, orientation="h", hovertext=hover, marker_color="#1f77b4",
+                           name="importance"))
+    if notes:
+        fig.add_annotation(text="; ".join(notes), xref="paper", yref="paper", x=0, y=-0.2, showarrow=False)
+    fig.update_layout(**{**LAYOUT, "height": 120 + 40 * max(len(names), 1)}, xaxis_title="fANOVA importance",
+                      yaxis={"autorange": "reversed"})
+    return fig
+
+
+def slice_figure(study: Any) -> go.Figure:
+    """Final mask ratio x scheduler: each trial's PSNR against its final ratio, one colour per scheduler."""
+    trials = completed_trials(study)
+    schedulers = sorted({str(t.params.get("scheduler")) for t in trials})
+    colors = variant_colors(schedulers)
+    fig = go.Figure()
+    for scheduler in schedulers:
+        mine = [t for t in trials if str(t.params.get("scheduler")) == scheduler]
+        fig.add_trace(go.Scatter(
+            x=[t.params.get("mask_end") for t in mine], y=[t.value for t in mine], mode="markers", name=scheduler,
+            marker={"color": colors[scheduler], "size": 11, "line": {"width": 1, "color": "white"}},
+            hovertext=[f"trial {t.number}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in t.params.items()) for t in mine]))
+    fig.update_layout(**LAYOUT, xaxis_title="final mask ratio (mask_end)", yaxis_title="held-out PSNR (dB)")
+    return fig
