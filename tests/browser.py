@@ -17,7 +17,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update"]
 
 # Per Plotly figure on the page: its id, how many traces, how many data points they hold in all
-# (x/y/values/cells), and whether Plotly drew it (an SVG of non-zero size).
+# (x/y/values/cells), the longest axis of each trace, and whether Plotly drew it (an SVG of non-zero size).
 FIGURES_JS = """
 () => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => {
   const flat = v => ArrayBuffer.isView(v) ? Array.from(v) : Array.isArray(v) ? v.flatMap(flat) : [v];
@@ -28,7 +28,9 @@ FIGURES_JS = """
       + count(t.dimensions && t.dimensions.map(d => d.values)) + count(t.cells && t.cells.values), 0);
   const svg = gd.querySelector('svg.main-svg');
   const box = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
-  return {id: gd.id, traces: (gd._fullData || []).length, points: points, width: box.width, height: box.height};
+  const perTrace = (gd._fullData || []).map(t => Math.max(count(t.x), count(t.y), count(t.values)));
+  return {id: gd.id, traces: (gd._fullData || []).length, points: points, trace_points: perTrace,
+          width: box.width, height: box.height};
 })
 """
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmd.dashboard import ResultsError, load_experiment, render_dashboard
-from lmd.dashboard.search_figures import param_groups
+from lmd.dashboard.search_figures import importance_figure, param_groups
 from lmd.experiments.pictures import representative_trials
 from lmd.experiments.results import CONFIG_COLUMNS, PLACEMENT_COLUMNS, SCHEMA_KEY
 from tests.browser import render
@@ -49,6 +49,8 @@ def test_ablation_dashboard_renders_every_panel_with_data(ablation_run, tmp_path
     for variant in ("lmd_cosine", "pixel_mae"):
         assert variant in page.text
     assert "target" in page.text and "speedup" in page.text
+    # Each variant's schedule drawn from its config (21 points over the 20 steps), not only the 2 recorded ratios.
+    assert sorted(page.figures["fig-schedules"]["trace_points"]) == [2, 2, 21, 21]
 
 
 def test_search_dashboard_renders_the_study_panels(search_run, tmp_path):
@@ -58,7 +60,9 @@ def test_search_dashboard_renders_the_study_panels(search_run, tmp_path):
     _assert_rendered(page, SEARCH_FIGURES)
     assert "Reconstructions" in page.text and page.images and all(i["naturalWidth"] > 0 for i in page.images)
     assert "fig-time-to-target" not in page.figures  # a search has no pixel-MAE baseline
-    assert page.figures["fig-history"]["points"] >= 4  # every completed trial of the study
+    assert max(page.figures["fig-history"]["trace_points"]) == 4  # the objective of every completed trial
+    # One schedule line per trial (21 points over 20 steps) besides the recorded circles.
+    assert sorted(page.figures["fig-schedules"]["trace_points"]).count(21) == 4
 
 
 def test_cli_writes_a_page_to_out_and_reads_results_only(ablation_run, tmp_path):
@@ -128,6 +132,14 @@ def test_representative_trial_is_the_median_seed():
     assert representative_trials(table, pick="best") == {"v": "t0"}
 
 
+def test_a_search_table_without_its_journal_is_still_read_as_a_search(search_run, tmp_path):
+    table = pd.read_parquet(search_run[1] / "results.parquet")
+    _write(table, tmp_path / "results.parquet", b"2")
+    exp = load_experiment(tmp_path)
+    assert exp.kind == "search" and exp.study is None
+    assert any("optuna.journal" in note for note in exp.notes)
+
+
 def test_conditional_parameters_are_grouped_with_the_trials_that_have_them():
     cat = optuna.distributions.CategoricalDistribution(["constant", "cosine"])
     flt = optuna.distributions.FloatDistribution(0.0, 1.0)
@@ -142,3 +154,22 @@ def test_conditional_parameters_are_grouped_with_the_trials_that_have_them():
     groups = param_groups(trials)
     assert groups[0] == (["mask_end", "scheduler"], trials)
     assert groups[1] == (["mask_start"], trials[1:])
+
+
+def test_conditional_importances_are_a_separate_fit_over_the_trials_that_have_them():
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial: optuna.Trial) -> float:
+        scheduler = trial.suggest_categorical("scheduler", ["constant", "cosine"])
+        end = trial.suggest_float("mask_end", 0.5, 0.9)
+        start = trial.suggest_float("mask_start", 0.05, 0.4) if scheduler != "constant" else 0.0
+        return 10 * end + start
+
+    study.optimize(objective, n_trials=16)
+    fig = importance_figure(study)
+    series = {trace.name: dict(zip(trace.y, trace.x, strict=True)) for trace in fig.data}
+    everyone = next(v for k, v in series.items() if k.startswith("over all 16"))
+    with_start = next(v for k, v in series.items() if "with mask_start" in k)
+    assert set(everyone) == {"scheduler", "mask_end"} and set(with_start) == {"scheduler", "mask_end", "mask_start"}
+    assert sum(everyone.values()) == pytest.approx(1) and sum(with_start.values()) == pytest.approx(1)
+    assert everyone["mask_end"] > everyone["scheduler"]  # the objective is driven by the final ratio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,11 +63,14 @@ def test_summary_statistics_and_time_to_target():
     # ...pixel MAE only at its last eval of the seed that ends above the mean (4 s): speedup 4 / 1.5.
     assert summary.loc["pixel_mae", "reached_target"] == "1/2"
     assert summary.loc["lmd_cosine", "speedup_vs_pixel_mae"] == pytest.approx(4 / 1.5)
+    assert summary.loc["pixel_mae", "speedup_ci95"] == 0.0  # the baseline against itself, exactly
+    assert math.isnan(summary.loc["lmd_cosine", "speedup_ci95"])  # one baseline seed reached it: no interval
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--variants", "lmd_cosine", "nope"], "--variants: unknown nope"),
     (["--seeds", "0"], "--seeds=0"),
+    (["--workers-per-trial", "2", "--gpus-per-trial", "1"], "0.5 GPU per worker"),
 ])
 def test_ablation_bad_input_is_one_line(tmp_path, args, message):
     proc = _run("ablation.py", *args, "--storage", str(tmp_path))
@@ -169,6 +173,7 @@ def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    assert reported_trials() >= 1, "no trial reported before the kill: the resume would be a fresh start"
     resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

@@ -106,28 +106,23 @@ def curves_figure(table: pd.DataFrame, x: str, per_trial: bool = False) -> go.Fi
 
 # ---------------------------------------------------------------- time-to-target, final quality
 def time_to_target_figure(summary: pd.DataFrame) -> go.Figure:
-    """Bars: training seconds to reach pixel MAE's final PSNR, and the speedup against pixel MAE."""
+    """Bars: training seconds to reach pixel MAE's final PSNR, and the speedup against pixel MAE.
+
+    Error bars are 95% intervals (lmd.experiments.results); none is drawn where fewer than two seeds
+    reached the target, rather than a zero-width bar that would look exact.
+    """
     colors = variant_colors(summary["variant"].tolist())
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         f"time-to-target (s) — target {summary.attrs.get('target_psnr', float('nan')):.2f} dB",
         "speedup against pixel MAE (x)"))
-    base = summary[summary["variant"] == BASELINE]
-    base_t = float(base["time_to_target_s"].iloc[0]) if len(base) else float("nan")
-    base_hw = float(base["time_to_target_ci95"].iloc[0]) if len(base) else float("nan")
-    speed_hw = []
-    for r in summary.itertuples():
-        # Delta method on a ratio of two independent means: relative half-widths add in quadrature.
-        rel = math.hypot((base_hw / base_t) if base_t else float("nan"),
-                         (r.time_to_target_ci95 / r.time_to_target_s) if r.time_to_target_s else float("nan"))
-        speed_hw.append(r.speedup_vs_pixel_mae * rel)
     bar_colors = [colors[v] for v in summary["variant"]]
     labels = [f"reached {r}" for r in summary["reached_target"]]
     fig.add_trace(go.Bar(x=summary["variant"], y=summary["time_to_target_s"], marker_color=bar_colors,
-                         error_y={"type": "data", "array": summary["time_to_target_ci95"].fillna(0)},
+                         error_y={"type": "data", "array": summary["time_to_target_ci95"]},
                          text=labels, textposition="outside", name="time-to-target", showlegend=False),
                   row=1, col=1)
     fig.add_trace(go.Bar(x=summary["variant"], y=summary["speedup_vs_pixel_mae"], marker_color=bar_colors,
-                         error_y={"type": "data", "array": pd.Series(speed_hw).fillna(0)}, name="speedup",
+                         error_y={"type": "data", "array": summary.get("speedup_ci95")}, name="speedup",
                          showlegend=False), row=1, col=2)
     fig.add_hline(y=1.0, line_dash="dot", line_color="grey", row=1, col=2)
     never = summary.loc[summary["time_to_target_s"].isna(), "variant"].tolist()
@@ -157,7 +152,9 @@ def quality_table_figure(summary: pd.DataFrame) -> go.Figure:
         "time-to-target s": [_pm(m, h, ".1f") for m, h in zip(s["time_to_target_s"], s["time_to_target_ci95"],
                                                                strict=True)],
         "reached": s["reached_target"].tolist(),
-        "speedup": ["—" if math.isnan(v) else f"{v:.2f}x" for v in s["speedup_vs_pixel_mae"]],
+        "speedup": [_pm(m, h, ".2f") + ("" if math.isnan(m) else "x") for m, h in
+                    zip(s["speedup_vs_pixel_mae"], s.get("speedup_ci95", pd.Series([math.nan] * len(s))),
+                        strict=True)],
         "device-hours": [f"{v:.4f}" for v in s["device_hours"]],
     }
     fig = go.Figure(go.Table(header={"values": list(columns), "fill_color": "#e8eef7", "align": "left"},
@@ -167,13 +164,15 @@ def quality_table_figure(summary: pd.DataFrame) -> go.Figure:
 
 
 # ---------------------------------------------------------------- schedules
-def schedule_figure(table: pd.DataFrame) -> go.Figure:
-    """Each variant's mask-ratio schedule over training (from its config), with the recorded ratios."""
+def schedule_figure(table: pd.DataFrame, per_trial: bool = False) -> go.Figure:
+    """Each variant's (or, for searches, each trial's) mask-ratio schedule over training, drawn from its
+    config columns, with the ratios recorded in the results as circles."""
     colors = variant_colors(table["variant"].astype(str).unique().tolist())
     fig = go.Figure()
-    has_config = table["scheduler"].notna().any()
-    for variant, group in table.groupby("variant"):
-        variant, color = str(variant), colors[str(variant)]
+    has_config = bool(table["scheduler"].notna().any())
+    for key, group in table.groupby("trial_id" if per_trial else "variant"):
+        variant = str(group["variant"].iloc[0])
+        color, name = colors[variant], (f"{variant} · {key}" if per_trial else variant)
         if has_config and group["scheduler"].notna().any():
             row = group.dropna(subset=["scheduler"]).iloc[0]
             cfg = MaskConfig(scheduler=str(row["scheduler"]), start=float(row["mask_start"]),
@@ -181,15 +180,16 @@ def schedule_figure(table: pd.DataFrame) -> go.Figure:
             total = int(row["total_steps"])
             steps = np.linspace(0, total, min(total, 400) + 1).round().astype(int)
             fig.add_trace(go.Scatter(x=steps, y=[mask_ratio(int(s), total, cfg) for s in steps], mode="lines",
-                                     name=f"{variant} ({cfg.scheduler} {cfg.start:.2f}→{cfg.end:.2f}, "
+                                     name=f"{name} ({cfg.scheduler} {cfg.start:.2f}→{cfg.end:.2f}, "
                                           f"ramp {cfg.ramp:.2f})",
-                                     legendgroup=variant, line={"color": color}))
+                                     legendgroup=str(key), line={"color": color}))
         recorded = group.groupby("step")["mask_ratio"].mean().reset_index()
         fig.add_trace(go.Scatter(x=recorded["step"], y=recorded["mask_ratio"], mode="markers",
-                                 name=f"{variant} (recorded)", legendgroup=variant, showlegend=not has_config,
+                                 name=f"{name} (recorded)", legendgroup=str(key), showlegend=not has_config,
                                  marker={"color": color, "size": 7, "symbol": "circle-open"}))
-    fig.update_layout(**{**LAYOUT, "height": 380}, xaxis_title="training step",
-                      yaxis_title="mask ratio (share of patches hidden)", yaxis_range=[0, 1])
+    fig.update_layout(**{**LAYOUT, "height": 380 + (20 * table["trial_id"].nunique() if per_trial else 0)},
+                      xaxis_title="training step", yaxis_title="mask ratio (share of patches hidden)",
+                      yaxis_range=[0, 1])
     return fig
 
 

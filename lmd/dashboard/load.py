@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from lmd.config import SCHEDULERS
 from lmd.experiments.pictures import PICTURES_FILE
 from lmd.experiments.results import CONFIG_COLUMNS, ID_COLUMNS, PLACEMENT_COLUMNS, SCHEMA_KEY, SCHEMA_VERSION
 
@@ -105,18 +106,38 @@ def load_experiment(path: str | Path) -> Experiment:
     table_path = path if path.suffix == ".parquet" else root / RESULTS_FILE
     table, schema = read_table(table_path)
     notes = []
-    for column in PLACEMENT_COLUMNS + CONFIG_COLUMNS:
-        if column not in table.columns:
-            table[column] = pd.NA
+    optional_missing = [c for c in PLACEMENT_COLUMNS + CONFIG_COLUMNS if c not in table.columns]
+    for column in optional_missing:
+        table[column] = pd.NA
     if schema < SCHEMA_VERSION:
         notes.append(f"{table_path.name} uses results schema {schema} (this code writes {SCHEMA_VERSION}): it has no "
                      "per-trial config columns, so schedules are drawn from the recorded mask ratios only.")
+    elif optional_missing:
+        notes.append(f"{table_path.name} lacks column(s) {', '.join(optional_missing)}: schedules are drawn from the "
+                     "recorded mask ratios only.")
     args_path = root / "args.json"
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
     journal = root / JOURNAL_FILE
     study = read_study(journal, args.get("name", root.name)) if journal.is_file() else None
+    kind = experiment_kind(table, args, study)
+    if kind == "search" and study is None:
+        notes.append(f"no {JOURNAL_FILE} next to the results: the Optuna study panels are not shown.")
     pictures = read_pictures(root / PICTURES_FILE)
     if pictures is None:
         notes.append(f"no {PICTURES_FILE} next to the results: reconstructions are not shown.")
     return Experiment(name=root.name, root=root, table=table, schema=schema, args=args, pictures=pictures,
-                      study=study, kind="search" if study is not None else "ablation", notes=notes)
+                      study=study, kind=kind, notes=notes)
+
+
+def experiment_kind(table: pd.DataFrame, args: dict[str, Any], study: Any) -> str:
+    """A search (one trial per sampled config, variant = scheduler) or an ablation (named variants x seeds).
+
+    Decided by the study or args.json when present, else by the variant names: a search's results
+    read as an ablation would put seed intervals on trials that differ in their hyperparameters.
+    """
+    if study is not None or "samples" in args:
+        return "search"
+    if "variants" in args:
+        return "ablation"
+    variants = set(table["variant"].dropna().astype(str))
+    return "search" if variants and variants <= set(SCHEDULERS) else "ablation"

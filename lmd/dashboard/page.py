@@ -63,8 +63,8 @@ def _pictures_html(pictures: pd.DataFrame) -> str:
     lines = ['<table class="pictures">', "<tr><th></th>" + "".join(f"<th>held-out image {i}</th>" for i in indices)
              + "</tr>"]
     originals = first[first["kind"] == "original"].set_index("index")
-    lines.append('<tr><th class="row">original</th>' + "".join(f"<td>{img(originals.loc[i])}</td>" for i in indices)
-                 + "</tr>")
+    lines.append('<tr><th class="row">original</th>' + "".join(
+        f"<td>{img(originals.loc[i]) if i in originals.index else ''}</td>" for i in indices) + "</tr>")
     for variant, group in pictures.groupby("variant", sort=True):
         meta = group.iloc[0]
         for kind in ("masked", "reconstruction"):
@@ -112,7 +112,7 @@ def build_panels(exp: Experiment) -> list[Panel]:
             ]
     panels.append(Panel("schedules", "Mask-ratio schedules",
                         "The ratio of hidden patches over training for each variant (easy → hard); circles are the "
-                        "ratios recorded in the results.", figures.schedule_figure(table)))
+                        "ratios recorded in the results.", figures.schedule_figure(table, per_trial=search)))
     if exp.study is not None and search_figures.completed_trials(exp.study):
         study = exp.study
         panels += [

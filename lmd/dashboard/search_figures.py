@@ -63,31 +63,34 @@ def param_groups(trials: list[Any]) -> list[tuple[list[str], list[Any]]]:
 
 
 def importance_figure(study: Any) -> go.Figure:
-    """fANOVA importances; conditional parameters over the trials where they apply."""
+    """fANOVA importances, one bar series per parameter group.
+
+    The first series covers every trial and its always-present parameters; each conditional series
+    is a separate fit over only the trials where those parameters exist, with all the parameters
+    those trials share (each series sums to 1 on its own, so compare bars within a series).
+    """
     trials = completed_trials(study)
-    names, values, hover = [], [], []
+    fig = go.Figure()
     notes = []
     for params, having in param_groups(trials):
-        distinct = {tuple(t.params[p] for p in params) for t in having}
-        if len(having) < 2 or len(distinct) < 2:
-            notes.append(f"{', '.join(params)}: too few trials ({len(having)}) to estimate")
+        conditional = having is not trials
+        shared = sorted(set.intersection(*(set(t.params) for t in having))) if conditional else params
+        label = (f"all {len(having)} trials" if not conditional else
+                 f"the {len(having)} trials with {', '.join(params)}")
+        if len(having) < 2 or len({t.value for t in having}) < 2:
+            notes.append(f"{label}: too few distinct trials to estimate")
             continue
         try:
-            result = _importances(having, params, study.direction)
-        except (RuntimeError, ValueError) as err:  # e.g. every trial has the same objective value
-            notes.append(f"{', '.join(params)}: not estimable ({err})")
+            result = _importances(having, shared, study.direction)
+        except (RuntimeError, ValueError) as err:
+            notes.append(f"{label}: not estimable ({err})")
             continue
-        conditional = having is not trials
-        for name, value in result.items():
-            names.append(f"{name}{' (conditional)' if conditional else ''}")
-            values.append(value)
-            hover.append(f"over {len(having)} of {len(trials)} trials")
-    fig = go.Figure(go.Bar(x=values, y=names, orientation="h", hovertext=hover, marker_color="#1f77b4",
-                           name="importance"))
+        fig.add_trace(go.Bar(x=list(result.values()), y=list(result), orientation="h", name=f"over {label}"))
     if notes:
-        fig.add_annotation(text="; ".join(notes), xref="paper", yref="paper", x=0, y=-0.2, showarrow=False)
-    fig.update_layout(**{**LAYOUT, "height": 120 + 40 * max(len(names), 1)}, xaxis_title="fANOVA importance",
-                      yaxis={"autorange": "reversed"})
+        fig.add_annotation(text="; ".join(notes), xref="paper", yref="paper", x=0, y=-0.25, showarrow=False)
+    rows = len({name for trace in fig.data for name in trace.y})
+    fig.update_layout(**{**LAYOUT, "height": 160 + 34 * max(rows, 1)}, barmode="group",
+                      xaxis_title="fANOVA importance (each series sums to 1)", yaxis={"autorange": "reversed"})
     return fig
 
 

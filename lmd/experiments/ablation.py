@@ -120,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
         _check_reachable(args.address)
     ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        trainable = tune.with_resources(run_trial, trial_resources(args.workers_per_trial, args.cpus_per_trial,
-                                                                   args.gpus_per_trial))
+        trainable = tune.with_resources(run_trial, trial_resources)
         if args.resume:
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -130,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 trainable,
                 param_space={"trial": tune.grid_search(trials)},
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=max_concurrent_trials(args.cpus_per_trial, args.gpus_per_trial),
+                    max_concurrent_trials=max_concurrent_trials(args.workers_per_trial, args.cpus_per_trial,
+                                                                args.gpus_per_trial),
                     trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(name=args.name, storage_path=storage,
                                           failure_config=tune.FailureConfig(max_failures=1), verbose=0))

@@ -2,8 +2,9 @@
 
 For each variant, the trial with the median final PSNR (the ablation: representative, not the best
 seed) or the best one (the search: one per scheduler) is loaded from its verified checkpoint; a few
-held-out images are masked exactly as in the PSNR evaluation (same seed, ratio `mask.eval_ratio`)
-and reconstructed through the variant's projector. The dashboard only reads the resulting
+held-out images are masked with the PSNR evaluation's seed at ratio `mask.eval_ratio` (on the CPU:
+the very masks of a CPU evaluation; a GPU evaluation draws its own from the CUDA generator) and
+reconstructed through the variant's projector. The dashboard only reads the resulting
 `pictures.parquet` (PNG bytes per picture): nothing re-runs.
 """
 

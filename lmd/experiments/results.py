@@ -81,14 +81,34 @@ def time_to_target(trial: pd.DataFrame, target: float) -> float:
     return float(reached["wall_seconds"].iloc[0]) if len(reached) else float("nan")
 
 
+def speedup_half_width(base: pd.Series | None, variant: pd.Series) -> float:
+    """95% half-width of mean(base) / mean(variant) over the seeds that reached the target.
+
+    Delta method on the ratio of two independent means (relative standard errors add in quadrature),
+    with Welch-Satterthwaite degrees of freedom; nan when either side has fewer than two seeds.
+    """
+    if base is None:
+        return float("nan")
+    b, v = base.dropna(), variant.dropna()
+    if len(b) < 2 or len(v) < 2:
+        return float("nan")
+    rb = b.std(ddof=1) / math.sqrt(len(b)) / b.mean()
+    rv = v.std(ddof=1) / math.sqrt(len(v)) / v.mean()
+    if rb == 0 and rv == 0:
+        return 0.0
+    df = (rb**2 + rv**2) ** 2 / (rb**4 / (len(b) - 1) + rv**4 / (len(v) - 1))
+    return float(stats.t.ppf(0.975, df) * (b.mean() / v.mean()) * math.hypot(rb, rv))
+
+
 def summarize(table: pd.DataFrame, baseline: str = "pixel_mae") -> pd.DataFrame:
     final = table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
     target = float(final.loc[final["variant"] == baseline, "val_psnr"].mean()) if baseline in set(
         final["variant"]) else float("nan")
-    rows = []
+    rows, ttts = [], {}
     for variant, group in final.groupby("variant"):
         ttt = pd.Series([time_to_target(table[table["trial_id"] == t].sort_values("step"), target)
                          for t in group["trial_id"]])
+        ttts[variant] = ttt
         psnr_mean, psnr_ci = _interval(group["val_psnr"])
         mse_mean, mse_ci = _interval(group["val_masked_mse_fixed"])
         ttt_mean, ttt_ci = _interval(ttt)
@@ -102,6 +122,8 @@ def summarize(table: pd.DataFrame, baseline: str = "pixel_mae") -> pd.DataFrame:
     base_ttt = summary.loc[summary["variant"] == baseline, "time_to_target_s"]
     summary["speedup_vs_pixel_mae"] = (float(base_ttt.iloc[0]) / summary["time_to_target_s"]
                                        if len(base_ttt) else float("nan"))
+    summary["speedup_ci95"] = [0.0 if v == baseline else speedup_half_width(ttts.get(baseline), ttts[v])
+                               for v in summary["variant"]]
     summary.attrs["target_psnr"] = target
     return summary.sort_values("variant", ignore_index=True)
 

@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_ranges(args)
+        if "://" in args.storage:
+            raise ConfigError(f"--storage {args.storage}: the search keeps its Optuna journal beside the results, so "
+                              "it needs a filesystem path (on a cluster: a mount every node sees)")
         base = {"model.preset": args.preset, "data.dataset": args.dataset, "data.projector": args.projector,
                 "data.num_train": args.num_train, "data.batch_size": args.batch_size,
                 "run.steps": args.budget, "run.seed": 0, "run.eval_every": args.eval_every,
@@ -149,17 +152,18 @@ def run(args: argparse.Namespace) -> int:
                               reduction_factor=2)
     ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        trainable = tune.with_resources(search_trial, trial_resources(args.workers_per_trial, args.cpus_per_trial,
-                                                                      args.gpus_per_trial))
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True) if (
-            args.resume and tune.Tuner.can_restore(str(experiment))) else tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=METRIC, mode=MODE,
-                                        num_samples=args.samples,
-                                        max_concurrent_trials=max_concurrent_trials(args.cpus_per_trial,
-                                                                                    args.gpus_per_trial),
-                                        trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=args.name, storage_path=storage, verbose=0))
+        trainable = tune.with_resources(search_trial, trial_resources)
+        if args.resume and tune.Tuner.can_restore(str(experiment)):
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            concurrent = max_concurrent_trials(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=METRIC, mode=MODE,
+                                            num_samples=args.samples, max_concurrent_trials=concurrent,
+                                            trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(name=args.name, storage_path=storage, verbose=0))
         results = tuner.fit()
     finally:
         ray.shutdown()

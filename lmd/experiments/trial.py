@@ -28,19 +28,35 @@ from lmd.engine import CHECKPOINT_DIR, Engine
 TRIAL_DRIVER_CPUS = 0.01  # a multi-worker trial only drives its TorchTrainer (Ray refuses 0)
 
 
-def trial_resources(workers: int, cpus_per_trial: float, gpus_per_trial: float) -> dict[str, float]:
-    """What Tune reserves for one trial; a multi-worker trial's workers are reserved by Ray Train."""
-    if workers > 1:
-        return {"cpu": TRIAL_DRIVER_CPUS}
-    return {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+def _placement_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The placement keys of a trial config, wherever the experiment put them (ablation: under "trial";
+    search: under "placement"); older single-worker trial configs have none."""
+    config = config.get("trial", config)
+    return config.get("placement", config)
 
 
-def max_concurrent_trials(cpus_per_trial: float, gpus_per_trial: float) -> int:
+def trial_resources(config: dict[str, Any]) -> Any:
+    """Tune's resource request, read from each trial's own config (a callable for `tune.with_resources`).
+
+    Reading it from the config, not the command line, keeps a resumed trial on the resources it
+    started with. A multi-worker trial reserves only its driver; Ray Train reserves its workers.
+    """
+    from ray.tune import PlacementGroupFactory
+
+    where = _placement_of(config)
+    if where.get("workers", 1) > 1:
+        return PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPUS}])
+    gpus = where.get("gpus_per_trial", 0.0)
+    return PlacementGroupFactory([{"CPU": where.get("cpus_per_trial", 1.0), **({"GPU": gpus} if gpus else {})}])
+
+
+def max_concurrent_trials(workers: int, cpus_per_trial: float, gpus_per_trial: float) -> int:
     """As many trials as the cluster's CPUs (and GPUs, when trials use them) hold at once."""
     import ray
 
     total = ray.cluster_resources()
-    fits = [int(total.get("CPU", 1) // max(cpus_per_trial, TRIAL_DRIVER_CPUS))]
+    cpus = cpus_per_trial + (TRIAL_DRIVER_CPUS if workers > 1 else 0.0)  # a multi-worker trial's driver too
+    fits = [int(total.get("CPU", 1) // cpus)]
     if gpus_per_trial > 0:
         fits.append(int(total.get("GPU", 0) // gpus_per_trial))
     return max(1, min(fits))
@@ -53,6 +69,11 @@ def check_trial_placement(args: argparse.Namespace) -> None:
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise ConfigError(f"--cpus-per-trial={args.cpus_per_trial} / --gpus-per-trial={args.gpus_per_trial}: "
                           "must be > 0 and >= 0")
+    gpus_per_worker = args.gpus_per_trial / args.workers_per_trial
+    if args.workers_per_trial > 1 and gpus_per_worker and (gpus_per_worker < 1 or not gpus_per_worker.is_integer()):
+        raise ConfigError(f"--gpus-per-trial={args.gpus_per_trial} over --workers-per-trial={args.workers_per_trial}"
+                          f" gives {gpus_per_worker:g} GPU per worker: data-parallel workers need whole GPUs "
+                          "(NCCL cannot share one device between ranks)")
     if args.batch_size % args.workers_per_trial:
         raise ConfigError(f"--batch-size={args.batch_size}: must be divisible by --workers-per-trial="
                           f"{args.workers_per_trial} (each worker trains an equal slice of the global batch)")
@@ -84,7 +105,7 @@ def trial_dirname(trial: Any) -> str:
 def run_trial(config: dict[str, Any]) -> None:
     """Tune trainable for every trial: dispatches on the trial's worker count."""
     config = config.get("trial", config)  # grid-searched trials arrive under "trial"
-    if config.get("workers", 1) > 1:
+    if _placement_of(config).get("workers", 1) > 1:
         _run_distributed_trial(config)
     else:
         _run_local_trial(config)
@@ -125,11 +146,12 @@ def _run_distributed_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config["cfg"])
     cfg = replace(cfg, data=replace(cfg.data, loader="memory"))  # workers read the small store themselves
     tags = trial_tags(config, cfg)
-    workers = config["workers"]
-    cluster = ClusterConfig(workers=workers, cpus_per_worker=config.get("cpus_per_trial", 1.0 * workers) / workers,
-                            gpus_per_worker=config.get("gpus_per_trial", 0.0) / workers,
-                            storage=config["train_storage"],
-                            name=tune.get_context().get_trial_id(), max_failures=config.get("max_failures", 1))
+    where = _placement_of(config)
+    workers = where["workers"]
+    cluster = ClusterConfig(workers=workers, cpus_per_worker=where.get("cpus_per_trial", 1.0 * workers) / workers,
+                            gpus_per_worker=where.get("gpus_per_trial", 0.0) / workers,
+                            storage=where["train_storage"],
+                            name=tune.get_context().get_trial_id(), max_failures=where.get("max_failures", 1))
     result = fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=tags)
     if result.error is not None:
         raise result.error
