@@ -16,15 +16,14 @@ import pandas as pd
 import pytest
 
 from lmd.experiments.results import COLUMNS, summarize
+from tests.conftest import SMALL_RUN, run_tune_script
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["--budget", "20", "--eval-every", "10", "--num-train", "128", "--batch-size", "16"]
+SMALL = SMALL_RUN
 
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "tune" / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return run_tune_script(script, *args, timeout=timeout)
 
 
 def test_ablation_writes_a_tidy_table_and_a_summary(ablation_run):
@@ -86,8 +85,8 @@ def test_search_bad_range_is_refused(tmp_path):
 def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
     # Three trials on two CPUs: the third waits, so a kill after the first finishes leaves both kinds.
     args = [sys.executable, str(REPO / "tune" / "ablation.py"), "--variants", "lmd_cosine", "--seeds", "3",
-            "--budget", "40", "--eval-every", "10", "--num-train", "128", "--batch-size", "16",
-            "--storage", str(tmp_path)]
+            "--budget", "40", "--eval-every", "10", "--num-train", "128", "--num-val", "16",
+            "--batch-size", "16", "--storage", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -160,7 +159,7 @@ def test_multi_worker_trial_trains_like_the_single_process_engine(tmp_path):
 
 def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
     args = [sys.executable, str(REPO / "tune" / "search.py"), "--samples", "3", "--budget", "40", "--eval-every",
-            "10", "--num-train", "128", "--batch-size", "16", "--storage", str(tmp_path)]
+            "10", "--num-train", "128", "--num-val", "16", "--batch-size", "16", "--storage", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)

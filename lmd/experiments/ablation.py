@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-train", type=int, default=2048)
+    p.add_argument("--num-val", type=int, default=256, help="held-out items (PSNR decodes the first 32 of them)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--address", help="Ray cluster address (default: local Ray)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
@@ -85,7 +86,8 @@ def trial_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
         for seed in range(args.seeds):
             cfg = build_config(overrides={
                 "model.preset": args.preset, "data.dataset": args.dataset, "data.resolution": args.resolution,
-                "data.batch_size": args.batch_size, "data.num_train": args.num_train, "run.steps": args.budget,
+                "data.batch_size": args.batch_size, "data.num_train": args.num_train, "data.num_val": args.num_val,
+                "run.steps": args.budget,
                 "run.seed": seed, "run.eval_every": args.eval_every, "run.log_every": args.eval_every,
                 "run.ckpt_every": args.eval_every, "run.device": "cuda" if args.gpus_per_trial > 0 else "cpu",
                 **VARIANTS[variant]})

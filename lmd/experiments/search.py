@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--projector", default="lmd-f8c4")
     p.add_argument("--dataset", default="bundled")
     p.add_argument("--num-train", type=int, default=2048)
+    p.add_argument("--num-val", type=int, default=256, help="held-out items (PSNR decodes the first 32 of them)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--end-range", nargs=2, type=float, default=[0.5, 0.9], metavar=("LOW", "HIGH"))
     p.add_argument("--depth-range", nargs=2, type=int, default=[1, 4], metavar=("LOW", "HIGH"))
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--storage {args.storage}: the search keeps its Optuna journal beside the results, so "
                               "it needs a filesystem path (on a cluster: a mount every node sees)")
         base = {"model.preset": args.preset, "data.dataset": args.dataset, "data.projector": args.projector,
-                "data.num_train": args.num_train, "data.batch_size": args.batch_size,
+                "data.num_train": args.num_train, "data.num_val": args.num_val, "data.batch_size": args.batch_size,
                 "run.steps": args.budget, "run.seed": 0, "run.eval_every": args.eval_every,
                 "run.log_every": args.eval_every, "run.ckpt_every": args.eval_every,
                 "run.device": "cuda" if args.gpus_per_trial > 0 else "cpu"}
