@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmd.checkpoint import adopt_checkpoint
+from lmd.checkpoint import adopt_checkpoint, read_manifest
 from lmd.config import TrainConfig
 from lmd.data.memory import InMemoryLatents
 from lmd.engine import CHECKPOINT_DIR, Engine
@@ -127,9 +127,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # them into the run's storage; on a restart the latest one comes back the same way.
     scratch = Path(tempfile.mkdtemp(prefix=f"lmd-rank{rank}-"))
     checkpoint = ray.train.get_checkpoint()
+    history: list[dict[str, Any]] = []
     if checkpoint is not None:
         with checkpoint.as_directory() as restored:
-            adopt_checkpoint(Path(restored), scratch / CHECKPOINT_DIR)
+            adopted = adopt_checkpoint(Path(restored), scratch / CHECKPOINT_DIR)
+        if config.get("replay_history"):
+            history = read_manifest(adopted).get("history", [])
     local_cfg = replace(cfg, run=replace(cfg.run, keep_last=1))  # storage keeps the history, not scratch
     device = ray.train.torch.get_device()
     if from_store:  # the worker reads the store itself (and has the projector, so val_psnr is reported too)
@@ -139,6 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         val_latents=val, device=device, rank=rank, world_size=world)
     engine.forward = ray.train.torch.prepare_model(engine.model)  # DDP when world > 1
     engine.reporter = _reporter({**_placement(world), **config.get("tags", {})})
+    for row in history:  # every rank reports (a collective), without a checkpoint: rows up to the resume step
+        engine.reporter(row, None)
     try:
         engine.fit(resume=checkpoint is not None)
     finally:
@@ -151,11 +156,13 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | None = None,
-                    tags: dict[str, Any] | None = None) -> Any:
+                    tags: dict[str, Any] | None = None, replay_history: bool = False) -> Any:
     """Train with Ray Train; returns the `ray.train.Result`. Rerunning with the same name resumes.
 
-    `callbacks` (e.g. Tune's TuneReportCallback) and `tags` (extra columns on every reported row)
-    serve the Tune driver-function pattern: a Tune trial that fits a multi-worker TorchTrainer.
+    `callbacks` (e.g. Tune's TuneReportCallback), `tags` (extra columns on every reported row) and
+    `replay_history` serve the Tune driver-function pattern: a Tune trial that fits a multi-worker
+    TorchTrainer. A Tune trial restarted after a driver crash starts with an empty history, so a
+    resumed run first re-reports the rows up to its checkpoint (each row is kept once by step).
     """
     import ray
     import ray.train
@@ -180,7 +187,7 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
     resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tags": tags or {}},
+        train_loop_config={"cfg": cfg.to_dict(), "tags": tags or {}, "replay_history": replay_history},
         scaling_config=ray.train.ScalingConfig(num_workers=cluster.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy="STRICT_SPREAD" if cluster.spread else "PACK"),

@@ -179,6 +179,9 @@ class Engine:
         self.step = 0
         self.wall_offset = 0.0
         self._stop_requested = False
+        # Every logged row so far; checkpoints carry it, so a run resumed on a fresh machine (a restarted
+        # Tune trial driving Ray Train) can replay the rows its new driver never saw.
+        self.history: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- one step, evaluation
     def train_step(self, latents: torch.Tensor, ratio: float, noise: torch.Tensor) -> torch.Tensor:
@@ -268,6 +271,7 @@ class Engine:
                 raise CheckpointError(f"{latest}: cannot resume with a different config; changed fields: "
                                       f"{', '.join(changed)}")
             self.load_state_dict(state)
+            self.history = [row for row in manifest.get("history", []) if row["step"] <= self.step]
             log.info("resumed from %s (step %d)", latest, self.step)
         elif resume:
             log.info("--resume: no checkpoint in %s, starting from step 0", self.checkpoint_root)
@@ -286,7 +290,7 @@ class Engine:
 
     def save(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "code_version": code_version(),
-                "samples_seen": self.step * self.cfg.data.batch_size}
+                "samples_seen": self.step * self.cfg.data.batch_size, "history": self.history}
         return save_checkpoint(self.checkpoint_root, self.step, self.state_dict(), meta, self.cfg.run.keep_last)
 
     def fit(self, resume: bool = False, stop_at: int | None = None) -> FitResult:
@@ -344,6 +348,7 @@ class Engine:
                         # cost differs by variant (decoding latents vs pasting pixels).
                         started += time.perf_counter() - eval_started
                     metrics.write(json.dumps(row) + "\n")
+                    self.history.append(row)
                     metrics.flush()
                     log.info("step %d/%d loss %.5f ratio %.3f lr %.2e%s", self.step, total, row["loss"], ratio,
                              lr, f" val {row['val_masked_mse_fixed']:.5f}" if do_eval else "")

@@ -136,18 +136,32 @@ def test_search_persists_one_optuna_study_with_each_trial_once(search_run):
     assert set(table["variant"]) == set(table["scheduler"]) <= {"uniform", "piecewise", "cosine", "constant"}
 
 
-def test_multi_worker_trial_trains_like_the_single_process_engine(tmp_path):
-    """Driver-function pattern: each trial fits a 2-worker TorchTrainer; rows reach Tune and match the engine."""
+def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tmp_path):
+    """Driver-function pattern: each trial fits a 2-worker TorchTrainer whose rows reach Tune. The driver is
+    killed after the Train run's first checkpoint; --resume refits the same run, which continues from it
+    and replays the rows the new driver never saw. The result equals the single-process engine's."""
     from lmd.config import TrainConfig
     from lmd.engine import Engine
     from lmd.experiments.ablation import parse_args, trial_configs
 
-    flags = ["--variants", "lmd_cosine", "--seeds", "1", *SMALL, "--workers-per-trial", "2", "--storage", str(tmp_path)]
-    proc = _run("ablation.py", *flags)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = ["--variants", "lmd_cosine", "--seeds", "1", "--budget", "40", "--eval-every", "10", "--num-train", "128",
+             "--num-val", "16", "--batch-size", "16", "--workers-per-trial", "2", "--storage", str(tmp_path)]
+    args = [sys.executable, str(REPO / "tune" / "ablation.py"), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    train_runs, deadline = tmp_path / "ablation" / "train", time.monotonic() + 300
+    while not list(train_runs.glob("*/step_*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    saved = sorted(p.name for p in train_runs.glob("*/step_*"))
+    assert saved and "step_00000040" not in saved, f"no checkpoint before the kill, or the run had finished: {saved}"
+
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     table = pd.read_parquet(tmp_path / "ablation" / "results.parquet").set_index("step")
-    assert table.index.tolist() == [10, 20] and (table["workers"] == 2).all()
-    assert (tmp_path / "ablation" / "train").is_dir()  # the trial's Train run lives under the experiment
+    assert table.index.tolist() == [10, 20, 30, 40] and (table["workers"] == 2).all()  # none lost, none twice
 
     cfg = TrainConfig.from_dict(trial_configs(parse_args(flags))[0]["cfg"])
     rows = []

@@ -152,6 +152,6 @@ def _run_distributed_trial(config: dict[str, Any]) -> None:
                             gpus_per_worker=where.get("gpus_per_trial", 0.0) / workers,
                             storage=where["train_storage"],
                             name=tune.get_context().get_trial_id(), max_failures=where.get("max_failures", 1))
-    result = fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=tags)
+    result = fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=tags, replay_history=True)
     if result.error is not None:
         raise result.error
