@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     table = tidy_table(results, devices_per_trial=args.gpus_per_trial or args.cpus_per_trial)
     write_table(table, experiment / "results.parquet")
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
-    print(f"best {METRIC}={best.metrics.get(METRIC):.3f} with {best.config}")
+    searched = {k: v for k, v in best.config.items() if k not in ("base", "placement")}
+    print(f"best {METRIC}={best.metrics.get(METRIC):.3f} with {searched}")
     print(f"results: {experiment / 'results.parquet'}; Optuna study: {experiment / 'optuna.journal'}")
     (experiment / "args.json").write_text(json.dumps(vars(args), indent=2))
     write_pictures(results, table, experiment, pick="best")
