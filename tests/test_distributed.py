@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -152,6 +153,18 @@ def test_two_workers_train_on_two_nodes_of_a_real_cluster(two_node_cluster, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["workers"] == 2 and summary["num_nodes"] == 2 and summary["step"] == 20
+
+    # The ablation on the same cluster through --address, each trial a 2-worker TorchTrainer: 1.5 CPUs per
+    # worker cannot share one 2-CPU node, so every trial spans both nodes.
+    ablation = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "ablation.py"), "--address", two_node_cluster, "--variants", "lmd_cosine",
+         "--seeds", "1", "--budget", "20", "--eval-every", "10", "--num-train", "128", "--num-val", "16",
+         "--batch-size", "16", "--workers-per-trial", "2", "--cpus-per-trial", "3",
+         "--storage", str(tmp_path / "tune")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert ablation.returncode == 0, ablation.stderr[-3000:]
+    table = pd.read_parquet(tmp_path / "tune" / "ablation" / "results.parquet")
+    assert table["step"].tolist() == [10, 20] and (table["workers"] == 2).all() and (table["num_nodes"] == 2).all()
 
 
 def test_unreachable_address_is_one_clear_line():

@@ -20,8 +20,9 @@ SCHEMA_VERSION = 2  # 2: + workers and the trial's config columns
 SCHEMA_KEY = b"lmd_results_schema"  # Parquet schema metadata: which version wrote the file
 ID_COLUMNS = ["trial_id", "variant", "seed", "step", "samples_seen", "wall_seconds", "device_seconds"]
 METRIC_COLUMNS = ["loss", "mask_ratio", "lr", "val_masked_mse", "val_masked_mse_fixed", "val_psnr"]
-# Data-parallel workers of the trial (1: the engine ran in the trial's process) and what the trial trained.
-PLACEMENT_COLUMNS = ["workers"]
+# Data-parallel workers of the trial and the nodes they ran on (1, 1: the engine ran in the trial's process),
+# and what the trial trained.
+PLACEMENT_COLUMNS = ["workers", "num_nodes"]
 CONFIG_COLUMNS = ["scheduler", "mask_start", "mask_end", "mask_ramp", "projector", "preset", "total_steps"]
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS + CONFIG_COLUMNS
 
@@ -42,7 +43,8 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
     for column in METRIC_COLUMNS + CONFIG_COLUMNS:
         if column not in table:
             table[column] = float("nan")
-    table["workers"] = table["workers"].fillna(1).astype("int64") if "workers" in table else 1
+    for column in PLACEMENT_COLUMNS:  # absent or NaN for rows of in-process trials: one worker on one node
+        table[column] = table[column].fillna(1).astype("int64") if column in table else 1
     table["device_seconds"] = table["wall_seconds"] * devices_per_trial
     # A trial resumed after a driver crash may report a step again (from its last checkpoint): keep the newest.
     table = table.drop_duplicates(["trial_id", "step"], keep="last")
