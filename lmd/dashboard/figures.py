@@ -13,9 +13,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
-from scipy import stats
 
 from lmd.config import MaskConfig
+from lmd.experiments.results import interval
 from lmd.masking import mask_ratio
 
 BASELINE = "pixel_mae"
@@ -38,25 +38,12 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def _half_width(values: pd.Series) -> float:
-    values = values.dropna()
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
-
-
-def final_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The last evaluated row of every trial."""
-    return table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
-
-
 # ---------------------------------------------------------------- curves
 def _mean_band(group: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """Per step: mean x, mean y and the 95% half-width of y over the group's trials."""
     by_step = group.groupby("step")
     return pd.DataFrame({"x": by_step[x].mean(), "y": by_step[y].mean(),
-                         "hw": by_step[y].apply(_half_width), "n": by_step[y].count()}).reset_index()
+                         "hw": by_step[y].apply(lambda v: interval(v)[1]), "n": by_step[y].count()}).reset_index()
 
 
 def curves_figure(table: pd.DataFrame, x: str, per_trial: bool = False) -> go.Figure:
@@ -122,7 +109,7 @@ def time_to_target_figure(summary: pd.DataFrame) -> go.Figure:
                          text=labels, textposition="outside", name="time-to-target", showlegend=False),
                   row=1, col=1)
     fig.add_trace(go.Bar(x=summary["variant"], y=summary["speedup_vs_pixel_mae"], marker_color=bar_colors,
-                         error_y={"type": "data", "array": summary.get("speedup_ci95")}, name="speedup",
+                         error_y={"type": "data", "array": summary["speedup_ci95"]}, name="speedup",
                          showlegend=False), row=1, col=2)
     fig.add_hline(y=1.0, line_dash="dot", line_color="grey", row=1, col=2)
     never = summary.loc[summary["time_to_target_s"].isna(), "variant"].tolist()
@@ -153,8 +140,7 @@ def quality_table_figure(summary: pd.DataFrame) -> go.Figure:
                                                                strict=True)],
         "reached": s["reached_target"].tolist(),
         "speedup": [_pm(m, h, ".2f") + ("" if math.isnan(m) else "x") for m, h in
-                    zip(s["speedup_vs_pixel_mae"], s.get("speedup_ci95", pd.Series([math.nan] * len(s))),
-                        strict=True)],
+                    zip(s["speedup_vs_pixel_mae"], s["speedup_ci95"], strict=True)],
         "device-hours": [f"{v:.4f}" for v in s["device_hours"]],
     }
     fig = go.Figure(go.Table(header={"values": list(columns), "fill_color": "#e8eef7", "align": "left"},

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from lmd.checkpoint import load_checkpoint
 from lmd.config import TrainConfig
 from lmd.evaluation import PSNR_SEED, reconstruct
+from lmd.experiments.results import final_rows, trial_id_of
+from lmd.masking import num_visible, random_masking
 from lmd.model import build_model
 from lmd.projector.quality import psnr
 
@@ -35,7 +37,7 @@ MASK_GREY = 0.5
 
 def representative_trials(table: pd.DataFrame, pick: str = "median") -> dict[str, str]:
     """variant -> trial_id of the trial whose final val_psnr is the (lower) median (or the best) of that variant."""
-    final = table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
+    final = final_rows(table)
     chosen = {}
     for variant, group in final.groupby("variant"):
         ordered = group.sort_values(["val_psnr", "trial_id"])
@@ -73,12 +75,14 @@ def checkpoint_pictures(ckpt_dir: Path, num: int = NUM_PICTURES) -> dict[str, An
     noise = torch.rand(num, cfg.model.num_patches, generator=torch.Generator().manual_seed(PSNR_SEED))
     ratio = cfg.mask.eval_ratio
     decoded = projector.cpu().decode(reconstruct(model, latents, ratio, noise)).clamp(0, 1)
-    _, _, mask = model(latents, ratio, noise)  # mask: [N, L], 1 = masked
+    # The model's mask for this noise, without a second forward pass: [N, L], 1 = masked.
+    tokens = noise.unsqueeze(-1)  # random_masking only needs [N, L, D] for its shapes
+    _, mask, _ = random_masking(tokens, num_visible(cfg.model.num_patches, ratio), noise)
     grid = int(round(cfg.model.num_patches ** 0.5))
     cover = F.interpolate(mask.float().reshape(num, 1, grid, grid), size=images.shape[-2:], mode="nearest")
     masked = images * (1 - cover) + MASK_GREY * cover
     return {"original": images, "masked": masked, "reconstruction": decoded, "psnr": psnr(images, decoded),
-            "ratio": ratio, "step": manifest.get("step", state.get("step"))}
+            "ratio": ratio, "step": manifest["step"]}
 
 
 def _checkpoint_path(result: Any) -> str | None:
@@ -92,7 +96,7 @@ def pictures_table(results: Any, table: pd.DataFrame, num: int = NUM_PICTURES, p
     """One row per picture: variant, trial_id, seed, kind, index, psnr, png."""
     from ray import tune
 
-    paths = {r.path.rstrip("/").split("/")[-1]: _checkpoint_path(r) for r in results if r.path}
+    paths = {trial_id_of(r): _checkpoint_path(r) for r in results if r.path}
     rows = []
     for variant, trial_id in representative_trials(table, pick).items():
         path = paths.get(trial_id)

@@ -27,6 +27,11 @@ CONFIG_COLUMNS = ["scheduler", "mask_start", "mask_end", "mask_ramp", "projector
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS + CONFIG_COLUMNS
 
 
+def trial_id_of(result: Any) -> str:
+    """A Tune result's trial folder name (unique in its experiment): the table's trial_id."""
+    return result.path.rstrip("/").split("/")[-1]
+
+
 def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
     """Every reported row of every trial of a `ResultGrid`."""
     frames = []
@@ -35,7 +40,7 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
         if df is None or df.empty:
             continue
         df = df.copy()
-        df["trial_id"] = result.path.rstrip("/").split("/")[-1] if result.path else str(len(frames))
+        df["trial_id"] = trial_id_of(result) if result.path else str(len(frames))
         frames.append(df)
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
@@ -65,7 +70,12 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
-def _interval(values: pd.Series) -> tuple[float, float]:
+def final_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The last evaluated row of every trial."""
+    return table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
+
+
+def interval(values: pd.Series) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
     values = values.dropna()
     n = len(values)
@@ -103,7 +113,7 @@ def speedup_half_width(base: pd.Series | None, variant: pd.Series) -> float:
 
 
 def summarize(table: pd.DataFrame, baseline: str = "pixel_mae") -> pd.DataFrame:
-    final = table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
+    final = final_rows(table)
     target = float(final.loc[final["variant"] == baseline, "val_psnr"].mean()) if baseline in set(
         final["variant"]) else float("nan")
     rows, ttts = [], {}
@@ -111,9 +121,9 @@ def summarize(table: pd.DataFrame, baseline: str = "pixel_mae") -> pd.DataFrame:
         ttt = pd.Series([time_to_target(table[table["trial_id"] == t].sort_values("step"), target)
                          for t in group["trial_id"]])
         ttts[variant] = ttt
-        psnr_mean, psnr_ci = _interval(group["val_psnr"])
-        mse_mean, mse_ci = _interval(group["val_masked_mse_fixed"])
-        ttt_mean, ttt_ci = _interval(ttt)
+        psnr_mean, psnr_ci = interval(group["val_psnr"])
+        mse_mean, mse_ci = interval(group["val_masked_mse_fixed"])
+        ttt_mean, ttt_ci = interval(ttt)
         rows.append({"variant": variant, "seeds": len(group), "psnr": psnr_mean, "psnr_ci95": psnr_ci,
                      "masked_mse": mse_mean, "masked_mse_ci95": mse_ci, "time_to_target_s": ttt_mean,
                      "time_to_target_ci95": ttt_ci, "reached_target": f"{int(ttt.notna().sum())}/{len(ttt)}",

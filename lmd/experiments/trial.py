@@ -80,7 +80,7 @@ def check_trial_placement(args: argparse.Namespace) -> None:
 
 
 def placement(args: argparse.Namespace) -> dict[str, Any]:
-    """The trial-config keys a multi-worker trial needs (lmd.experiments.trial)."""
+    """The placement keys every trial config carries (workers, per-trial resources, the Train runs' storage)."""
     storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
     return {"workers": args.workers_per_trial, "cpus_per_trial": args.cpus_per_trial,
             "gpus_per_trial": args.gpus_per_trial, "train_storage": f"{storage}/{args.name}/train"}
