@@ -1,4 +1,4 @@
-"""`lmd` command line: train, schedule, presets.
+"""`lmd` command line: train, probe, precompute, projector-train, schedule, presets.
 
 Flags are collected into dotted overrides and handed to `build_config`, which owns every check;
 any invalid input ends with one `lmd: error: ...` line and a non-zero exit, never a traceback.
@@ -42,6 +42,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "batch_size": ("data.batch_size", int),
     "num_train": ("data.num_train", int),
     "num_val": ("data.num_val", int),
+    "num_probe": ("data.num_probe", int),
     "steps": ("run.steps", int),
     "seed": ("run.seed", int),
     "log_every": ("run.log_every", int),
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-ratio", type=float, metavar="F", help="fixed evaluation mask ratio (0.75)")
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--dataset", help="bundled (default), mnist, synthetic, or a directory of images")
+    t.add_argument("--dataset", help="bundled (default), fashion-mnist, mnist, synthetic, or a directory of images")
     t.add_argument("--projector", help="lmd-f8c4 (default), identity (pixel space), taesd:DIR, sdvae:DIR or a file")
     t.add_argument("--resolution", type=int, help="image side in pixels (default: preset latent_size x 8)")
     t.add_argument("--latents", metavar="DIR", help="store from `lmd precompute` (default: a cached one)")
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--num-train", type=int, help="training images (crops for the bundled photos)")
     t.add_argument("--num-val", type=int, help="held-out images")
+    t.add_argument("--num-probe", type=int, help="labelled training items the linear probe is fit on (0 = off)")
     t.add_argument("--steps", type=int, help="total optimisation steps (sets the schedules' length)")
     t.add_argument("--seed", type=int)
     t.add_argument("--log-every", type=int)
@@ -137,10 +139,15 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--eval-crops", type=int, default=256, help="held-out crops per resolution for the PSNR")
     pt.add_argument("--no-augment", action="store_true", help="crops and flips only (no rot90 / channel shuffles)")
     pt.add_argument("--init", default="", metavar="FILE", help="start from these projector weights (fine-tune)")
+    pt.add_argument("--dataset", default="bundled",
+                    help="bundled photos (lmd-f8c4) or a dataset's training split, e.g. fashion-mnist")
+    pt.add_argument("--resolution", type=int, action="append",
+                    help="training resolution (repeat to alternate; default 128 and 64 for bundled, 32 otherwise)")
+    pt.add_argument("--name", help="projector name recorded in the file (default lmd-f8c4[-<dataset>])")
     pt.add_argument("--device", default="auto")
 
     pc = sub.add_parser("precompute", help="encode a dataset into a Parquet latent store (OUT/train, OUT/val)")
-    pc.add_argument("--dataset", default="bundled", help="bundled, mnist, or a directory of images")
+    pc.add_argument("--dataset", default="bundled", help="bundled, fashion-mnist, mnist, or a directory of images")
     pc.add_argument("--projector", default="lmd-f8c4", help="lmd-f8c4, identity, taesd:DIR, sdvae:DIR or a file")
     pc.add_argument("--resolution", type=int, default=128)
     pc.add_argument("--out", required=True, metavar="DIR")
@@ -148,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--num-val", type=int, help="held-out items (bundled: default 256)")
     pc.add_argument("--shard-size", type=int, default=512)
     pc.add_argument("--batch-size", type=int, default=64)
+
+    pr = sub.add_parser("probe", help="linear-probe a trained encoder (and its references) on its labelled store")
+    pr.add_argument("target", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its latest checkpoint) or a "
+                    "checkpoint folder (checkpoints/step_NNNNNNNN)")
+    pr.add_argument("--num-probe", type=int, help="labelled training items to fit on (default: the run's)")
+    pr.add_argument("--no-references", action="store_true", help="skip the raw-input and random-encoder probes")
 
     p = sub.add_parser("presets", help="list model presets with size and cost")
     p.add_argument("--json", action="store_true")
@@ -297,15 +310,74 @@ def cmd_projector_train(args: argparse.Namespace) -> int:
     cfg = ProjectorTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                encoder_width=args.encoder_width, decoder_width=args.decoder_width, seed=args.seed,
                                max_minutes=args.max_minutes, eval_crops=args.eval_crops,
-                               augment=not args.no_augment, init=args.init)
+                               augment=not args.no_augment, init=args.init, dataset=args.dataset,
+                               resolutions=tuple(args.resolution or _default_resolutions(args.dataset)),
+                               name=args.name or _projector_name(args.dataset))
     try:
         cfg.validate()
     except ValueError as err:
         _fail(str(err), EXIT_USAGE)
-    out = Path(args.out) if args.out else bundled_weights_path()
+    from lmd.projector import BUNDLED_WEIGHTS
+
+    if not args.out and cfg.name not in BUNDLED_WEIGHTS:
+        _fail(f"--name={cfg.name}: not a shipped projector ({', '.join(BUNDLED_WEIGHTS)}); pass --out FILE", EXIT_USAGE)
+    out = Path(args.out) if args.out else bundled_weights_path(cfg.name)
     card = train_projector(cfg, out, resolve_device(args.device))
     print(json.dumps({"out": str(out), **{k: v for k, v in card.items() if k.startswith("heldout") or k in
                                           ("steps_done", "train_seconds", "device")}}))
+    return 0
+
+
+def _default_resolutions(dataset: str) -> tuple[int, ...]:
+    return (128, 64) if dataset == "bundled" else (32,)
+
+
+def _projector_name(dataset: str) -> str:
+    from lmd.projector import DATASET_PROJECTORS
+
+    return DATASET_PROJECTORS.get(dataset, "lmd-f8c4" if dataset == "bundled" else f"lmd-f8c4-{Path(dataset).name}")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmd.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from lmd.config import TrainConfig
+    from lmd.data.images import ImageSourceError
+    from lmd.data.latents import probe_set, resolve_store
+    from lmd.data.store import StoreError
+    from lmd.engine import CHECKPOINT_DIR
+    from lmd.model import build_model
+    from lmd.probe import linear_probe, raw_probe
+    from lmd.projector import ProjectorError
+
+    target = Path(args.target)
+    ckpt = latest_checkpoint(target / CHECKPOINT_DIR) if (target / CHECKPOINT_DIR).is_dir() else target
+    if ckpt is None or not (ckpt / "manifest.json").is_file():
+        _fail(f"{target}: neither a run directory with checkpoints nor a checkpoint folder", EXIT_RUNTIME)
+    if args.num_probe is not None and args.num_probe < 10:
+        _fail(f"--num-probe={args.num_probe}: must be >= 10", EXIT_USAGE)
+    try:
+        state, manifest = load_checkpoint(ckpt)
+        cfg = TrainConfig.from_dict(manifest["config"])
+        root, _ = resolve_store(cfg, progress=False)
+        probe = probe_set(root, args.num_probe or cfg.data.num_probe or 2048)
+        if probe is None:
+            raise StoreError(f"{root / 'train' / 'manifest.json'}: classes: the store is unlabelled; a probe needs a "
+                             "labelled dataset such as fashion-mnist")
+        model = build_model(cfg.model)
+        model.load_state_dict(state["model"])
+        result = linear_probe(model, probe)
+        out = {"checkpoint": str(ckpt), "step": int(state["step"]), "val_probe_acc": result.accuracy,
+               "train_probe_acc": result.train_accuracy, "ridge": result.ridge, "features": result.features,
+               "probe_items": int(probe.train.shape[0]), "heldout_items": int(probe.val.shape[0])}
+        if not args.no_references:
+            torch.manual_seed(cfg.run.seed)  # the run's own initialisation
+            out["random_encoder_probe_acc"] = linear_probe(build_model(cfg.model), probe).accuracy
+            out["raw_input_probe_acc"] = raw_probe(probe).accuracy
+    except (CheckpointError, StoreError, ProjectorError, ImageSourceError) as err:
+        _fail(str(err), EXIT_RUNTIME)
+    print(json.dumps(out))
     return 0
 
 
@@ -330,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"train": cmd_train, "schedule": cmd_schedule, "presets": cmd_presets,
-                "projector-train": cmd_projector_train, "precompute": cmd_precompute}
+                "projector-train": cmd_projector_train, "precompute": cmd_precompute, "probe": cmd_probe}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -24,9 +24,12 @@ import yaml
 SCHEDULERS = ("uniform", "piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-DATASETS = ("bundled", "mnist", "synthetic")  # or a directory of images
+DATASETS = ("fashion-mnist", "bundled", "mnist", "synthetic")  # or a directory of images
 LOADERS = ("auto", "ray", "memory")
 PIXEL_PROJECTORS = ("identity",)  # projectors that keep pixel space (f=1, 3 channels)
+DEFAULT_PROJECTOR = "lmd-f8c4"  # the shipped photo projector
+# The shipped projector made for a dataset: what `data.projector` defaults to when the dataset has one.
+DATASET_PROJECTORS = {"fashion-mnist": "lmd-f8c4-fmnist"}
 LATENT_FACTOR = 8  # presets describe f8 latents: latent_size * 8 = image resolution
 
 
@@ -136,7 +139,7 @@ class DataConfig:
     """
 
     dataset: str = "bundled"
-    projector: str = "lmd-f8c4"
+    projector: str = DEFAULT_PROJECTOR  # default: the dataset's own shipped projector (DATASET_PROJECTORS), if any
     resolution: int = 0  # image side in pixels; 0 = the model preset's latent_size * 8
     latents: str = ""  # a store made by `lmd precompute` (with train/ and val/); "" = the cached default
     loader: str = "auto"
@@ -144,6 +147,9 @@ class DataConfig:
     batch_size: int = 64
     num_train: int = 2048
     num_val: int = 256
+    # Labelled training items the linear probe is fit on (scored on the num_val held-out items) at
+    # every evaluation; 0 turns the probe off. Unlabelled stores have no probe.
+    num_probe: int = 2048
 
     def validate(self) -> None:
         _require(self.dataset in DATASETS or Path(self.dataset).is_dir(), "data.dataset", self.dataset,
@@ -157,6 +163,8 @@ class DataConfig:
         _require(self.num_train >= self.batch_size, "data.num_train", self.num_train,
                  f"must be >= data.batch_size={self.batch_size}")
         _require(self.num_val > 0, "data.num_val", self.num_val, "must be > 0")
+        _require(self.num_probe == 0 or self.num_probe >= 10, "data.num_probe", self.num_probe,
+                 "must be 0 (no probe) or >= 10")
 
 
 @dataclass(frozen=True)
@@ -287,6 +295,8 @@ def build_config(
     values = _flatten(read_config_file(file)) if file is not None else {}
     values.update(overrides or {})
     preset = values.pop("model.preset", preset)
+    if "data.projector" not in values and values.get("data.dataset") in DATASET_PROJECTORS:
+        values["data.projector"] = DATASET_PROJECTORS[values["data.dataset"]]
 
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if preset is not None:

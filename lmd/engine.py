@@ -37,8 +37,10 @@ from lmd.checkpoint import (
 from lmd.config import OptimConfig, TrainConfig, config_diff
 from lmd.data.latents import prepare_data
 from lmd.evaluation import reconstruction_psnr
+from lmd.flops import step_flops, train_flops_until
 from lmd.masking import mask_ratio
 from lmd.model import MaskedLatentTransformer, build_model
+from lmd.probe import ProbeSet, linear_probe
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,8 @@ class Engine:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource | None = None,
                  val_latents: torch.Tensor | None = None, device: torch.device | None = None,
-                 rank: int = 0, world_size: int = 1, reporter: Reporter | None = None):
+                 rank: int = 0, world_size: int = 1, reporter: Reporter | None = None,
+                 probe: ProbeSet | None = None):
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         # Data parallelism (the Ray Train layer sets these): every rank draws the same global batch and
@@ -158,11 +161,11 @@ class Engine:
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts (optimizer-side matmuls, eval)
-        self.projector, self.val_images = None, None
+        self.projector, self.val_images, self.probe = None, None, probe
         if train_data is None:
             data = prepare_data(cfg)
             train_data, val_latents, self.projector = data.train, data.val, data.projector
-            self.val_images = data.val_images
+            self.val_images, self.probe = data.val_images, data.probe
         self.data = train_data
         self.val_latents = val_latents
 
@@ -301,6 +304,9 @@ class Engine:
         pending: list[torch.Tensor] = []  # losses not yet read back from the device
         last_loss, last_ckpt = float("nan"), latest_checkpoint(self.checkpoint_root)
         started = time.perf_counter() - self.wall_offset
+        # Training FLOPs so far (model matmuls, global batch): a pure function of (config, step), the
+        # deterministic axis that equal-compute comparisons use.
+        flops = train_flops_until(self.cfg, self.step)
 
         with self.metrics_path.open("a") as metrics, contextlib.closing(self):
             while self.step < end:
@@ -315,6 +321,7 @@ class Engine:
                     mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
                     latents, noise = latents[mine], noise[mine]
                 pending.append(self.train_step(latents, ratio, noise))
+                flops += step_flops(self.cfg, ratio)
                 self.step += 1
                 self.wall_offset = time.perf_counter() - started
 
@@ -333,7 +340,8 @@ class Engine:
                     last_loss = losses[-1]
                     row: dict[str, Any] = {
                         "step": self.step, "samples_seen": self.step * self.cfg.data.batch_size,
-                        "wall_seconds": round(self.wall_offset, 4), "loss": sum(losses) / len(losses),
+                        "wall_seconds": round(self.wall_offset, 4), "train_flops": flops,
+                        "loss": sum(losses) / len(losses),
                         "loss_last": last_loss, "mask_ratio": ratio, "lr": lr}
                     if do_eval:
                         eval_started = time.perf_counter()
@@ -344,6 +352,8 @@ class Engine:
                             n = self.val_images.shape[0]
                             row["val_psnr"] = reconstruction_psnr(self.model, self.projector, self.val_latents[:n],
                                                                   self.val_images, self.cfg.mask.eval_ratio)
+                        if self.probe is not None:
+                            row["val_probe_acc"] = linear_probe(self.model, self.probe).accuracy
                         # The training clock (wall_seconds, time-to-target) excludes evaluation, whose
                         # cost differs by variant (decoding latents vs pasting pixels).
                         started += time.perf_counter() - eval_started

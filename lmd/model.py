@@ -30,6 +30,10 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU unit tests: a forward/backward in milliseconds.
     "tiny": ModelConfig(preset="tiny", latent_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    # The ablation's default (Fashion-MNIST at 32 px): a 4x4x4 latent, 16 tokens of 4 values; in pixel
+    # space MAE-style 4 px patches give 64 tokens (4x, as ViT-B/16 at 224 px has 4x LMD's 49).
+    "mini_p1": ModelConfig(preset="mini_p1", latent_size=4, patch_size=1, embed_dim=128, depth=4, num_heads=4,
+                           decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2),
     # CPU ablations in minutes: 64 tokens of a 16x16x4 latent (128 px images).
     "small": ModelConfig(preset="small", latent_size=16, patch_size=2, embed_dim=192, depth=6, num_heads=3,
                          decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
@@ -170,6 +174,15 @@ class MaskedLatentTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x), mask, ids_restore
+
+    def forward_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The encoder on every patch (nothing masked), as a linear probe sees it: [N, 1 + L, D]."""
+        x = self.patch_embed(patches) + self.pos_embed[:, 1:]  # x: [N, L, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # x: [N, 1 + L, D]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)  # x: [N, 1 + keep, Dd]

@@ -47,8 +47,11 @@ def run_tune_script(script: str, *args: str, timeout: float = 600):
                           timeout=timeout, env=env)
 
 
-# Tiny experiments: 20 steps, evaluations at 10 and 20, 16 held-out items (PSNR decoding dominates on CPU).
-SMALL_RUN = ["--budget", "20", "--eval-every", "10", "--num-train", "128", "--num-val", "16", "--batch-size", "16"]
+# Tiny experiments on Fashion-MNIST: 20 steps, evaluations at 10 and 20, 16 held-out items (PSNR decoding
+# dominates on CPU), the probe fit on 64 labelled items.
+SMALL_DATA = ["--num-train", "128", "--num-val", "16", "--num-probe", "64", "--batch-size", "16"]
+SMALL_RUN = ["--budget-by", "steps", "--budget", "20", "--evals", "2", *SMALL_DATA]  # the ablation
+SMALL_SEARCH = ["--budget", "20", "--eval-every", "10", *SMALL_DATA]
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +67,6 @@ def ablation_run(tmp_path_factory):
 def search_run(tmp_path_factory):
     """One real small search with the conditional (constant) schedule allowed."""
     storage = tmp_path_factory.mktemp("search-storage")
-    proc = run_tune_script("search.py", "--samples", "4", "--include-constant", *SMALL_RUN,
+    proc = run_tune_script("search.py", "--samples", "4", "--include-constant", *SMALL_SEARCH,
                            "--storage", str(storage))
     return proc, storage / "search"

@@ -158,9 +158,9 @@ def test_two_workers_train_on_two_nodes_of_a_real_cluster(two_node_cluster, tmp_
     # worker cannot share one 2-CPU node, so every trial spans both nodes.
     ablation = subprocess.run(
         [sys.executable, str(REPO / "tune" / "ablation.py"), "--address", two_node_cluster, "--variants", "lmd_cosine",
-         "--seeds", "1", "--budget", "20", "--eval-every", "10", "--num-train", "128", "--num-val", "16",
-         "--batch-size", "16", "--workers-per-trial", "2", "--cpus-per-trial", "3",
-         "--storage", str(tmp_path / "tune")],
+         "--seeds", "1", "--budget-by", "steps", "--budget", "20", "--evals", "2", "--num-train", "128",
+         "--num-val", "16", "--num-probe", "64", "--batch-size", "16", "--workers-per-trial", "2",
+         "--cpus-per-trial", "3", "--storage", str(tmp_path / "tune")],
         env=env, capture_output=True, text=True, timeout=300)
     assert ablation.returncode == 0, ablation.stderr[-3000:]
     table = pd.read_parquet(tmp_path / "tune" / "ablation" / "results.parquet")

@@ -15,7 +15,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from lmd.experiments.results import COLUMNS, summarize
+from lmd.experiments.results import COLUMNS
+from lmd.experiments.summary import crossing, log_interval, speedup, summarize
 from tests.conftest import SMALL_RUN, run_tune_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,36 +35,99 @@ def test_ablation_writes_a_tidy_table_and_a_summary(ablation_run):
     assert table["trial_id"].nunique() == 4
     assert sorted(table.groupby("trial_id")["step"].apply(list).tolist()) == [[10, 20]] * 4  # each report once
     assert table["val_psnr"].between(5, 60).all() and (table["device_seconds"] > 0).all()
-    assert (table["workers"] == 1).all() and set(table["projector"]) == {"lmd-f8c4", "identity"}
+    assert (table["workers"] == 1).all() and set(table["projector"]) == {"lmd-f8c4-fmnist", "identity"}
     assert set(zip(table["variant"], table["scheduler"], strict=True)) == {("lmd_cosine", "cosine"),
                                                                           ("pixel_mae", "constant")}
+    # Pixel MAE as published: 4x the latent's tokens (32 px, 4 px patches = 64 against a 4x4 latent's 16).
+    assert dict(zip(table["variant"], table["tokens"], strict=True)) == {"lmd_cosine": 16, "pixel_mae": 64}
+    evals = table.dropna(subset=["val_psnr"])
+    assert evals["val_probe_acc"].between(0, 1).all() and (table["train_flops"] > 0).all()
+    # The FLOPs column is cumulative and grows with the step.
+    assert (table.sort_values("step").groupby("trial_id")["train_flops"].diff().dropna() > 0).all()
     summary = json.loads((experiment / "summary.json").read_text())
-    assert {r["variant"] for r in summary} == {"lmd_cosine", "pixel_mae"} and all(r["seeds"] == 2 for r in summary)
-    assert "target PSNR (pixel MAE's mean final)" in proc.stdout and "lmd_cosine" in proc.stdout
+    rows = summary["variants"]
+    assert {r["variant"] for r in rows} == {"lmd_cosine", "pixel_mae"} and all(r["seeds"] == 2 for r in rows)
+    assert summary["target_metric"] == "val_psnr" and summary["baseline"] == "pixel_mae"
+    # Every variant is shown with its references: the no-model fill and ceiling (PSNR), raw-input and
+    # random-encoder probes, with a verdict against each.
+    kinds = {(r["reference"], r["variant"]) for r in summary["references"]}
+    assert kinds == {(k, v) for k in ("fill", "ceiling", "raw_probe", "random_probe")
+                     for v in ("lmd_cosine", "pixel_mae")}
+    random = [r for r in summary["references"] if r["reference"] == "random_probe"]
+    assert all(r["n"] == 2 and 0 < r["mean"] <= 1 for r in random)  # one random encoder per seed
+    for r in rows:
+        assert r["beats_fill"] in ("yes", "no") and r["beats_random_probe"] in ("yes", "no")
+        assert 5 < r["fill_psnr"] < 30 and r["ceiling_psnr"] > r["fill_psnr"]
+    assert summary["budget"]["budget_by"] == "steps" and summary["budget"]["variants"]["pixel_mae"]["steps"] == 20
+    assert "time to the target val_psnr" in proc.stdout and "lmd_cosine" in proc.stdout
     assert f"dashboard: {experiment / 'dashboard.html'}" in proc.stdout
 
 
-def test_summary_statistics_and_time_to_target():
+def test_summary_statistics_and_time_to_target_at_equal_compute():
     rows = []
     for seed, (early, late) in enumerate([(10.0, 12.0), (11.0, 13.0)]):
-        for step, psnr, wall in ((10, early, 1.0), (20, late, 2.0)):
+        for step, psnr in ((10, early), (20, late)):
+            # Pixel MAE costs 4x the FLOPs per step of the latent variant, and its clock runs 2x slower.
             rows.append({"trial_id": f"pix{seed}", "variant": "pixel_mae", "seed": seed, "step": step,
-                         "samples_seen": step, "wall_seconds": 2 * wall, "device_seconds": 2 * wall, "val_psnr": psnr,
-                         "val_masked_mse_fixed": 0.1})
+                         "samples_seen": step, "train_flops": step * 4e10, "wall_seconds": step / 5,
+                         "device_seconds": step / 5, "val_psnr": psnr, "val_masked_mse_fixed": 0.1})
             rows.append({"trial_id": f"lmd{seed}", "variant": "lmd_cosine", "seed": seed, "step": step,
-                         "samples_seen": step, "wall_seconds": wall, "device_seconds": wall, "val_psnr": psnr + 2,
-                         "val_masked_mse_fixed": 0.2})
-    summary = summarize(pd.DataFrame(rows)).set_index("variant")
-    assert summary.attrs["target_psnr"] == pytest.approx(12.5)  # the baseline's mean final PSNR
+                         "samples_seen": step, "train_flops": step * 1e10, "wall_seconds": step / 10,
+                         "device_seconds": step / 10, "val_psnr": psnr + 2, "val_masked_mse_fixed": 0.2})
+    refs = [{"reference": "fill", "variant": v, "metric": "val_psnr", "mean": 12.9, "ci95": 0.0, "n": 1}
+            for v in ("pixel_mae", "lmd_cosine")]
+    summary = summarize(pd.DataFrame(rows), references=refs).set_index("variant")
+    assert summary.attrs["target"] == pytest.approx(12.5)  # the baseline's mean final PSNR
     assert summary.loc["pixel_mae", "psnr"] == pytest.approx(12.5)
     assert summary.loc["pixel_mae", "psnr_ci95"] == pytest.approx(12.706 * 0.5, rel=1e-3)  # t(0.975, 1) * s / sqrt(2)
-    # lmd reaches 12.5 at its first eval in one seed (1 s) and at its second in the other (2 s)...
-    assert summary.loc["lmd_cosine", "time_to_target_s"] == pytest.approx(1.5)
-    # ...pixel MAE only at its last eval of the seed that ends above the mean (4 s): speedup 4 / 1.5.
+    # Interpolated crossings: lmd seed 0 goes 12 -> 14 between steps 10 and 20, so it reaches 12.5 at step 12.5;
+    # seed 1 is already at 13 at its first evaluation (step 10). Pixel MAE: seed 1 at 17.5, seed 0 never.
+    assert summary.loc["lmd_cosine", "samples_to_target"] == pytest.approx(math.sqrt(12.5 * 10))
+    assert summary.loc["lmd_cosine", "tflops_to_target"] == pytest.approx(math.sqrt(0.125 * 0.1))
     assert summary.loc["pixel_mae", "reached_target"] == "1/2"
-    assert summary.loc["lmd_cosine", "speedup_vs_pixel_mae"] == pytest.approx(4 / 1.5)
-    assert summary.loc["pixel_mae", "speedup_ci95"] == 0.0  # the baseline against itself, exactly
-    assert math.isnan(summary.loc["lmd_cosine", "speedup_ci95"])  # one baseline seed reached it: no interval
+    assert summary.loc["lmd_cosine", "speedup_tflops"] == pytest.approx(0.7 / math.sqrt(0.125 * 0.1))
+    assert summary.loc["lmd_cosine", "speedup_samples"] == pytest.approx(17.5 / math.sqrt(12.5 * 10))
+    assert summary.loc["pixel_mae", "speedup_tflops_lo"] == 1.0  # the baseline against itself, exactly
+    assert math.isnan(summary.loc["lmd_cosine", "speedup_tflops_lo"])  # one baseline seed reached it: no interval
+    # References: lmd (14.5 +- 6.4) does not beat a 12.9 dB fill with non-overlapping intervals.
+    assert summary.loc["lmd_cosine", "fill_psnr"] == 12.9 and summary.loc["lmd_cosine", "beats_fill"] == "no"
+
+
+def test_time_intervals_are_positive_and_speedups_are_ratios_of_geometric_means():
+    centre, lo, hi = log_interval(pd.Series([1.0, 100.0]))  # a t-interval on these values would go negative
+    assert centre == pytest.approx(10.0) and 0 < lo < centre < hi
+    ratio, lo, hi = speedup(pd.Series([8.0, 8.2, 7.9]), pd.Series([2.0, 2.1, 1.9]))
+    assert ratio == pytest.approx((8.0 * 8.2 * 7.9) ** (1 / 3) / (2.0 * 2.1 * 1.9) ** (1 / 3))
+    assert 3.0 < lo < ratio < hi < 5.0
+    ratio, lo, hi = speedup(pd.Series([1.0, 50.0]), pd.Series([2.0, 3.0]))  # noisy: wide, but positive
+    assert 0 < lo < 1 < hi
+
+
+def test_crossing_follows_the_metric_direction():
+    trial = pd.DataFrame({"step": [1, 2, 3], "x": [10.0, 20.0, 30.0], "val_psnr": [9.0, 11.0, 13.0],
+                          "val_masked_mse_fixed": [0.5, 0.3, 0.1]})
+    assert crossing(trial, "val_psnr", 12.0, "x") == pytest.approx(25.0)
+    assert crossing(trial, "val_masked_mse_fixed", 0.4, "x") == pytest.approx(15.0)  # lower is better
+    assert math.isnan(crossing(trial, "val_psnr", 14.0, "x"))
+
+
+def test_every_variant_gets_the_same_flops_budget():
+    from lmd.config import TrainConfig
+    from lmd.experiments.ablation import VARIANTS, budget_steps, parse_args, trial_configs
+    from lmd.flops import run_flops
+
+    args = parse_args([])  # the default experiment
+    steps = budget_steps(args)
+    flops = {t["variant"]: run_flops(TrainConfig.from_dict(t["cfg"])) for t in trial_configs(args, steps)}
+    assert set(flops) == set(VARIANTS)
+    for variant, spent in flops.items():
+        assert spent == pytest.approx(args.budget * 1e12, rel=0.05), variant
+    # ...which means unequal steps: the latent variants' 16 tokens are ~4x cheaper than MAE's 64 at the same
+    # ratio; a scheduler that starts at 0.15 (many visible tokens) makes LMD's early steps dearer.
+    assert steps["no_scheduler"] > 3.5 * steps["pixel_mae"]
+    assert 2 * steps["pixel_mae"] < steps["lmd_cosine"] < steps["no_scheduler"]
+    by_steps = budget_steps(parse_args(["--budget-by", "steps", "--budget", "50"]))
+    assert set(by_steps.values()) == {50}
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -85,8 +149,8 @@ def test_search_bad_range_is_refused(tmp_path):
 def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
     # Three trials on two CPUs: the third waits, so a kill after the first finishes leaves both kinds.
     args = [sys.executable, str(REPO / "tune" / "ablation.py"), "--variants", "lmd_cosine", "--seeds", "3",
-            "--budget", "40", "--eval-every", "10", "--num-train", "128", "--num-val", "16",
-            "--batch-size", "16", "--storage", str(tmp_path)]
+            "--budget-by", "steps", "--budget", "40", "--evals", "4", "--num-train", "128", "--num-val", "16",
+            "--num-probe", "64", "--batch-size", "16", "--storage", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -142,10 +206,11 @@ def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tm
     and replays the rows the new driver never saw. The result equals the single-process engine's."""
     from lmd.config import TrainConfig
     from lmd.engine import Engine
-    from lmd.experiments.ablation import parse_args, trial_configs
+    from lmd.experiments.ablation import budget_steps, parse_args, trial_configs
 
-    flags = ["--variants", "lmd_cosine", "--seeds", "1", "--budget", "40", "--eval-every", "10", "--num-train", "128",
-             "--num-val", "16", "--batch-size", "16", "--workers-per-trial", "2", "--storage", str(tmp_path)]
+    flags = ["--variants", "lmd_cosine", "--seeds", "1", "--budget-by", "steps", "--budget", "40", "--evals", "4",
+             "--num-train", "128", "--num-val", "16", "--num-probe", "64", "--batch-size", "16",
+             "--workers-per-trial", "2", "--storage", str(tmp_path)]
     args = [sys.executable, str(REPO / "tune" / "ablation.py"), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -163,7 +228,8 @@ def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tm
     table = pd.read_parquet(tmp_path / "ablation" / "results.parquet").set_index("step")
     assert table.index.tolist() == [10, 20, 30, 40] and (table["workers"] == 2).all()  # none lost, none twice
 
-    cfg = TrainConfig.from_dict(trial_configs(parse_args(flags))[0]["cfg"])
+    parsed = parse_args(flags)
+    cfg = TrainConfig.from_dict(trial_configs(parsed, budget_steps(parsed))[0]["cfg"])
     rows = []
     Engine(cfg, tmp_path / "single", reporter=lambda row, _ckpt: rows.append(row)).fit()
     single = pd.DataFrame(rows).set_index("step")
@@ -173,7 +239,8 @@ def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tm
 
 def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
     args = [sys.executable, str(REPO / "tune" / "search.py"), "--samples", "3", "--budget", "40", "--eval-every",
-            "10", "--num-train", "128", "--num-val", "16", "--batch-size", "16", "--storage", str(tmp_path)]
+            "10", "--num-train", "128", "--num-val", "16", "--num-probe", "64", "--batch-size", "16",
+            "--storage", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)

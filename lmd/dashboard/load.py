@@ -1,9 +1,10 @@
-"""Read an experiment's results for the dashboard: the tidy table, its pictures and its Optuna study.
+"""Read an experiment's results for the dashboard: the tidy table, references, budget, pictures and Optuna study.
 
-Reads files only (results.parquet, pictures.parquet, optuna.journal, args.json); nothing is re-run.
-A table that lacks a required column, or was written by an unknown schema, is refused with a
-message naming the file and what is missing; columns added by later schemas are optional, and
-the page says what an older file cannot show.
+Reads files only (results.parquet, references.json, summary.json, pictures.parquet, optuna.journal,
+args.json); nothing is re-run, and nothing here imports torch. A table that lacks a required
+column, or was written by an unknown schema, is refused with a message naming the file and what
+is missing; columns added by later schemas are optional, and the page says what an older file
+cannot show.
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ from typing import Any
 import pandas as pd
 
 from lmd.config import SCHEDULERS
-from lmd.experiments.pictures import PICTURES_FILE
-from lmd.experiments.results import CONFIG_COLUMNS, ID_COLUMNS, PLACEMENT_COLUMNS, SCHEMA_KEY, SCHEMA_VERSION
+from lmd.experiments.results import (
+    CONFIG_COLUMNS,
+    ID_COLUMNS,
+    PLACEMENT_COLUMNS,
+    REFERENCES_FILE,
+    SCHEMA_KEY,
+    SCHEMA_VERSION,
+    read_references,
+)
 
 RESULTS_FILE = "results.parquet"
 JOURNAL_FILE = "optuna.journal"
+SUMMARY_FILE = "summary.json"
+# lmd.experiments.pictures.PICTURES_FILE, spelt out: that module imports torch, which the dashboard must not need.
+PICTURES_FILE = "pictures.parquet"
 # What every panel needs; schema 1 (before workers and the config columns) already had all of it.
 REQUIRED_COLUMNS = ID_COLUMNS + ["loss", "mask_ratio", "val_masked_mse_fixed", "val_psnr"]
 PICTURE_COLUMNS = ["variant", "trial_id", "seed", "kind", "index", "png"]
@@ -43,6 +54,18 @@ class Experiment:
     pictures: pd.DataFrame | None = None
     study: Any = None  # optuna.Study, for searches
     notes: list[str] = field(default_factory=list)  # what this page cannot show, and why
+    references: list[dict[str, Any]] = field(default_factory=list)  # references.json's records ([]: none)
+    budget: dict[str, Any] | None = None  # summary.json's "budget" (ablations since results schema 3)
+
+    @property
+    def has_flops(self) -> bool:
+        """Whether the table has the training-FLOPs axis (results schema 3)."""
+        return "train_flops" in self.table and bool(self.table["train_flops"].notna().any())
+
+    @property
+    def has_probe(self) -> bool:
+        """Whether any row holds a linear-probe accuracy (schema 3 on a labelled dataset)."""
+        return "val_probe_acc" in self.table and bool(self.table["val_probe_acc"].notna().any())
 
 
 def _schema_version(path: Path) -> int:
@@ -99,22 +122,49 @@ def read_study(path: Path, name: str) -> Any:
     return optuna.load_study(study_name=name if name in names else names[0], storage=storage)
 
 
+def read_budget(path: Path) -> dict[str, Any] | None:
+    """summary.json's "budget" record; None for an older summary (a list of rows) or none at all."""
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{path}: not valid JSON ({err})") from None
+    budget = payload.get("budget") if isinstance(payload, dict) else None
+    return budget if isinstance(budget, dict) and isinstance(budget.get("variants"), dict) else None
+
+
+def schema_notes(table: pd.DataFrame, name: str, schema: int) -> list[str]:
+    """What an older (or partial) table cannot show. Config columns are filled with NA so the schedule panel
+    can test for them; the compute columns are not, so a summary never times a trial on a missing axis."""
+    config_missing = [c for c in PLACEMENT_COLUMNS + CONFIG_COLUMNS if c not in table.columns]
+    for column in config_missing:
+        table[column] = pd.NA
+    lacks = []
+    if {"scheduler", "mask_start", "mask_end", "mask_ramp", "total_steps"} & set(config_missing):
+        lacks.append("no per-trial config columns, so schedules are drawn from the recorded mask ratios only")
+    if "train_flops" not in table.columns:
+        lacks.append("no train_flops column, so the curves against training FLOPs, the TFLOP budget and the FLOPs "
+                     "time-to-target and speedups are not shown (time-to-target is in samples seen)")
+    if "val_probe_acc" not in table.columns:
+        lacks.append("no val_probe_acc column, so the linear-probe curves and columns are not shown")
+    elif not table.empty and table["val_probe_acc"].isna().all():
+        lacks.append("val_probe_acc is empty (an unlabelled dataset or --num-probe 0), so the linear-probe curves "
+                     "are not shown")
+    if not lacks:
+        return []
+    which = f"{name} uses results schema {schema} (this code writes {SCHEMA_VERSION})" if schema < SCHEMA_VERSION \
+        else name
+    return [f"{which}: {'; '.join(lacks)}."]
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """`path`: an experiment folder or its results.parquet."""
     path = Path(path)
     root = path.parent if path.suffix == ".parquet" else path
     table_path = path if path.suffix == ".parquet" else root / RESULTS_FILE
     table, schema = read_table(table_path)
-    notes = []
-    optional_missing = [c for c in PLACEMENT_COLUMNS + CONFIG_COLUMNS if c not in table.columns]
-    for column in optional_missing:
-        table[column] = pd.NA
-    if schema < SCHEMA_VERSION:
-        notes.append(f"{table_path.name} uses results schema {schema} (this code writes {SCHEMA_VERSION}): it has no "
-                     "per-trial config columns, so schedules are drawn from the recorded mask ratios only.")
-    elif optional_missing:
-        notes.append(f"{table_path.name} lacks column(s) {', '.join(optional_missing)}: schedules are drawn from the "
-                     "recorded mask ratios only.")
+    notes = schema_notes(table, table_path.name, schema)
     args_path = root / "args.json"
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
     journal = root / JOURNAL_FILE
@@ -122,11 +172,22 @@ def load_experiment(path: str | Path) -> Experiment:
     kind = experiment_kind(table, args, study)
     if kind == "search" and study is None:
         notes.append(f"no {JOURNAL_FILE} next to the results: the Optuna study panels are not shown.")
+    references, budget = [], None
+    if kind == "ablation":
+        try:
+            references = read_references(root / REFERENCES_FILE)
+        except (ValueError, KeyError) as err:  # JSONDecodeError is a ValueError
+            raise ResultsError(f"{root / REFERENCES_FILE}: unreadable ({err})") from None
+        if not references:
+            notes.append(f"no {REFERENCES_FILE} next to the results (an experiment from before references): the "
+                         "no-model fill, projector ceiling and probe references are not drawn, and no variant is "
+                         "judged against them.")
+        budget = read_budget(root / SUMMARY_FILE)
     pictures = read_pictures(root / PICTURES_FILE)
     if pictures is None:
         notes.append(f"no {PICTURES_FILE} next to the results: reconstructions are not shown.")
     return Experiment(name=root.name, root=root, table=table, schema=schema, args=args, pictures=pictures,
-                      study=study, kind=kind, notes=notes)
+                      study=study, kind=kind, notes=notes, references=references, budget=budget)
 
 
 def experiment_kind(table: pd.DataFrame, args: dict[str, Any], study: Any) -> str:

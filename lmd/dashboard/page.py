@@ -1,7 +1,12 @@
 """One self-contained HTML page per experiment: Plotly's JS inlined once, every figure a <div>.
 
-The page works offline (no CDN, no MathJax), so it can be mailed or opened on a cluster head node.
-Each panel has a stable element id (`fig-...`), which the browser tests look for.
+An ablation's page answers its question in order: curves against training FLOPs (the equal-compute
+axis), samples and wall seconds next to the references; final quality against the references with
+the verdicts of lmd.experiments.summary; time-to-target and speedup against pixel MAE at 1x and the
+claimed 3x; and the budget each variant was given. A search's page names its own objective
+(args.json's "metric"). The page works offline (no CDN, no MathJax), so it can be mailed or opened
+on a cluster head node. Each panel has a stable element id (`fig-...`), which the browser tests
+look for.
 """
 
 from __future__ import annotations
@@ -9,18 +14,20 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from lmd.dashboard import figures, search_figures
-from lmd.dashboard.load import Experiment, load_experiment
-from lmd.experiments.results import summarize
+from lmd.dashboard.load import Experiment, ResultsError, load_experiment
+from lmd.experiments.summary import TARGET_METRICS, summarize, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table.pictures { border-collapse: collapse; } table.pictures td, table.pictures th { padding: 4px; text-align: center;
   font-size: 0.85em; font-weight: normal; } table.pictures th.row { text-align: right; color: #444; }
 table.pictures img { width: 128px; height: 128px; image-rendering: pixelated; display: block; }
+ul.verdicts { margin: 0.4em 0 0; padding-left: 1.2em; } ul.verdicts li { margin: 0.15em 0; }
 """
 
 
@@ -46,6 +54,7 @@ class Panel:
     caption: str
     figure: go.Figure | None = None
     html: str | None = None  # a non-Plotly panel (the pictures)
+    after: str = ""  # HTML under the figure (the verdicts under the quality table)
 
 
 def _figure_div(panel: Panel) -> str:
@@ -84,48 +93,137 @@ def _pictures_html(pictures: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def curve_panels(exp: Experiment, summary: pd.DataFrame | None) -> list[Panel]:
+    """Validation curves against training FLOPs (when recorded: the headline axis), samples seen and wall seconds."""
+    search = exp.kind == "search"
+    a = summary.attrs if summary is not None else {}
+    what = ("Held-out PSNR of decoded reconstructions (comparable across latent and pixel variants), masked MSE at "
+            "the fixed ratio 0.75" + (" and the linear-probe accuracy of the frozen encoder" if exp.has_probe else "")
+            + ("; one line per trial." if search else "; mean over seeds with a 95% t-band."))
+    if exp.references:
+        what += (" Dashed: the no-model fill (every masked patch the mean colour of the image's visible pixels, at "
+                 "the variant's patch grid); dotted: the projector ceiling (decoding unmasked latents: no model on "
+                 f"them does better). A ceiling more than {figures.CEILING_HEADROOM_DB:g} dB above the highest curve "
+                 "(pixel space's fp16 rounding, ~90 dB) is listed in the legend as off scale and drawn only when "
+                 "clicked.")
+        if exp.has_probe:
+            what += (" Probe panel: the probe on raw inputs (dashed) and on a randomly initialised encoder (dotted, "
+                     "95% band over seeds).")
+    if not math.isnan(a.get("target", float("nan"))):
+        what += (f" Thick black dash-dot: the target ({a['target_metric']} = {a['target']:.4g}, {a['baseline']}'s mean "
+                 "final value).")
+    kwargs = {"per_trial": search, "references": exp.references, "target": a.get("target", float("nan")),
+              "target_metric": a.get("target_metric", "")}
+    panels = []
+    if exp.has_flops:
+        panels.append(Panel("curves-flops", "Validation curves against training FLOPs",
+                            f"{what} Training FLOPs are counted, not timed, so this axis is the same on any machine: "
+                            "the one the ablation's budget and speed claim are on.",
+                            figures.curves_figure(exp.table, "train_flops", **kwargs)))
+    panels += [
+        Panel("curves-samples", "Validation curves against samples seen", what,
+              figures.curves_figure(exp.table, "samples_seen", **kwargs)),
+        Panel("curves-wall", "Validation curves against training time",
+              "The same curves on the training clock (evaluation time excluded): measured, so it depends on the "
+              "machine and on what else ran beside the trial.",
+              figures.curves_figure(exp.table, "wall_seconds", **kwargs)),
+    ]
+    return panels
+
+
+def _verdicts_html(summary: pd.DataFrame) -> str:
+    items = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(summary))
+    return f"<ul class='verdicts' id='verdicts'>{items}</ul>" if items else ""
+
+
+def budget_caption(rows: pd.DataFrame, budget: dict[str, Any] | None) -> str:
+    """What each trial was given, whether that is equal in FLOPs, and the projector's one-time cost."""
+    tflops = rows["tflops"].dropna()
+    if budget is None:
+        text = ("summary.json holds no budget record (an experiment from before results schema 3): steps, samples "
+                "and TFLOP are the trials' last rows.")
+    else:
+        text = f"Each trial's budget: {float(budget['budget']):g} {budget.get('unit', '')} (--budget-by " \
+               f"{budget.get('budget_by', '?')})."
+    if len(tflops):
+        gap = figures.spread(tflops)
+        equal = budget is not None and budget.get("budget_by") == "flops"
+        text += (f" TFLOP per trial: {tflops.min():.4g} to {tflops.max():.4g}, {gap:.1%} apart"
+                 + (" (equal in FLOPs up to whole steps)." if equal else
+                    ": budgets not set in FLOPs differ in compute, so compare variants on the FLOPs curves."))
+    else:
+        text += " The table has no train_flops column: compute per trial is unknown."
+    if budget is not None:
+        for name, gflop in (budget.get("projector_encode_gflop_per_image") or {}).items():
+            text += f" One-time latent encoding with {name}: {gflop:.4g} GFLOP per image, not in the budget."
+        if budget.get("note"):
+            text += f" ({budget['note']}.)"
+    return html.escape(text)
+
+
+def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
+    """The ablation's answer: final quality against references, time-to-target, speedup, and the budget."""
+    a = summary.attrs
+    axis = figures.time_axis(summary)
+    unit = figures.TIME_AXES[axis][1]
+    rows = figures.budget_rows(exp.table, exp.budget)
+    return [
+        Panel("quality", "Final quality against the references",
+              "Per variant over seeds at the end of its budget: final held-out PSNR, masked MSE and linear-probe "
+              "accuracy (mean ± 95% t-interval) next to its references. A variant 'beats' a reference when its "
+              "interval lies entirely above the reference's; n/a where either is missing.",
+              figures.quality_table_figure(summary), after=_verdicts_html(summary)),
+        Panel("time-to-target", f"{unit} to target",
+              f"{unit} each variant spent until a trial's {a['target_metric']} first reached the target "
+              f"{a['target']:.4g} ({a['baseline']}'s mean final value), interpolated between evaluations. Bars: "
+              "geometric mean over the seeds that reached it; error bars: its 95% interval (t on the log scale, so "
+              "asymmetric and never below zero), none where fewer than two seeds reached it.",
+              figures.time_to_target_figure(summary)),
+        Panel("speedup", f"Speedup against {a['baseline']}",
+              f"{a['baseline']}'s geometric-mean time-to-target / the variant's, on training FLOPs (large diamonds: "
+              "deterministic, the headline), samples seen and wall seconds, with 95% intervals (Welch t on the log "
+              f"times). Dotted: 1x; dashed red: {figures.CLAIM:g}x, the paper's claim, which the FLOPs interval "
+              "must lie above to support it.", figures.speedup_figure(summary)),
+        Panel("budget", "Budget per trial", budget_caption(rows, exp.budget), figures.budget_figure(rows, exp.budget)),
+    ]
+
+
+def study_panels(exp: Experiment) -> list[Panel]:
+    """A search's Optuna study, on its own objective (args.json's metric)."""
+    study = exp.study
+    label = search_figures.objective_label(exp.args.get("metric", search_figures.LEGACY_METRIC))
+    return [
+        Panel("history", "Optimization history", f"Objective ({html.escape(label)}) of each completed trial and "
+              "the best so far.", search_figures.history_figure(study, label)),
+        Panel("importance", "Parameter importances",
+              "fANOVA importances; conditional parameters (no start/ramp for a constant schedule) are "
+              "estimated over the trials where they exist.", search_figures.importance_figure(study)),
+        Panel("parallel", "Parallel coordinates", "Every completed trial's parameters and objective.",
+              search_figures.parallel_figure(study, label)),
+        Panel("slice", "Final mask ratio × scheduler", f"Each trial's {html.escape(label)} against its final mask "
+              "ratio, one colour per scheduler.", search_figures.slice_figure(study, label)),
+    ]
+
+
 def build_panels(exp: Experiment) -> list[Panel]:
     table = exp.table
     search = exp.kind == "search"
-    panels = [
-        Panel("curves-samples", "Validation curves against samples seen",
-              "Held-out PSNR of decoded reconstructions (comparable across latent and pixel variants) and masked "
-              "MSE at the fixed ratio 0.75" + ("; one line per trial." if search else
-                                               "; mean over seeds with a 95% t-band."),
-              figures.curves_figure(table, "samples_seen", per_trial=search)),
-        Panel("curves-wall", "Validation curves against training time",
-              "The same curves on the training clock (evaluation time excluded): the axis the speed claim is about.",
-              figures.curves_figure(table, "wall_seconds", per_trial=search)),
-    ]
+    summary = None
     if not search:
-        summary = summarize(table, figures.BASELINE)
-        if not summary.empty:
-            panels += [
-                Panel("quality", "Final quality",
-                      f"Per variant over seeds: final held-out PSNR and masked MSE (95% CI), time to reach pixel "
-                      f"MAE's mean final PSNR ({summary.attrs.get('target_psnr', float('nan')):.2f} dB), speedup "
-                      "and device-hours.", figures.quality_table_figure(summary)),
-                Panel("time-to-target", "Time-to-target and speedup against pixel MAE",
-                      "Training seconds until a trial's held-out PSNR first reaches the target (mean over the "
-                      "seeds that reached it, 95% CI); speedup = pixel MAE's time / the variant's.",
-                      figures.time_to_target_figure(summary)),
-            ]
+        target_metric = exp.args.get("target_metric", "val_psnr")
+        if target_metric not in TARGET_METRICS:
+            raise ResultsError(f"{exp.root / 'args.json'}: target_metric {target_metric!r} is not one of "
+                               f"{', '.join(TARGET_METRICS)}")
+        summary = summarize(table, figures.BASELINE, target_metric, exp.references)
+    panels = curve_panels(exp, summary)
+    if summary is not None and not summary.empty:
+        panels += summary_panels(exp, summary)
     panels.append(Panel("schedules", "Mask-ratio schedules",
                         "The ratio of hidden patches over training for each variant (easy → hard); circles are the "
-                        "ratios recorded in the results.", figures.schedule_figure(table, per_trial=search)))
+                        "ratios recorded in the results (each report records its last step's ratio).",
+                        figures.schedule_figure(table, per_trial=search)))
     if exp.study is not None and search_figures.completed_trials(exp.study):
-        study = exp.study
-        panels += [
-            Panel("history", "Optimization history", "Objective (held-out PSNR) of each completed trial and "
-                  "the best so far.", search_figures.history_figure(study)),
-            Panel("importance", "Parameter importances",
-                  "fANOVA importances; conditional parameters (no start/ramp for a constant schedule) are "
-                  "estimated over the trials where they exist.", search_figures.importance_figure(study)),
-            Panel("parallel", "Parallel coordinates", "Every completed trial's parameters and objective.",
-                  search_figures.parallel_figure(study)),
-            Panel("slice", "Final mask ratio × scheduler", "Each trial's PSNR against its final mask ratio, one "
-                  "colour per scheduler.", search_figures.slice_figure(study)),
-        ]
+        panels += study_panels(exp)
     panels.append(Panel("cost", "Cost", "Device-hours: training wall-clock × devices (GPUs, or CPUs on a CPU run) "
                         "per trial, summed per variant.", figures.cost_figure(table)))
     if exp.pictures is not None and not exp.pictures.empty:
@@ -158,7 +256,7 @@ def render_html(exp: Experiment) -> str:
             if panel.html is not None:
                 content = f"<div id='fig-{panel.key}'>{content}</div>"
             body.append(f"<section><h2>{html.escape(panel.title)}</h2><p class='caption'>{panel.caption}</p>"
-                        f"{content}</section>")
+                        f"{content}{panel.after}</section>")
     return head + "<body>" + "\n".join(body) + "</body></html>"
 
 

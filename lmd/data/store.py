@@ -11,6 +11,11 @@ Each shard has two columns, no nulls, and ``lmd = {"format": 1, "latent_shape": 
 
     index    int64                              the source item index, ascending
     latent   fixed_size_binary(C*h*w*itemsize)  one latent's little-endian C-order bytes in `dtype`
+    label    int64 (labelled stores only)       the item's class, in [0, len(manifest.classes))
+
+A labelled store names its classes in the manifest (`classes`, index = label); an unlabelled one
+has no `classes` (or an empty list) and no label column. Labels travel with the latents, so a store
+alone is enough to train and to linear-probe.
 
 Readers decode the bytes with `np.frombuffer`: nothing is ever unpickled. Writing is crash-safe:
 each shard goes to a hidden temp file, is fsynced and renamed into place (an existing shard file is
@@ -159,8 +164,15 @@ def read_manifest(store_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_shard(path: Path, rows: int, latent_shape: Sequence[int] | None, dtype: str, first_index: int) -> list[int]:
-    """Check a shard's Parquet footer, schema, row count and index column; returns its latent_shape."""
+def store_classes(manifest: dict[str, Any]) -> list[str]:
+    """The class names of a labelled store ([] when unlabelled)."""
+    return list(manifest.get("classes") or [])
+
+
+def check_shard(path: Path, rows: int, latent_shape: Sequence[int] | None, dtype: str, first_index: int,
+                num_classes: int = 0) -> list[int]:
+    """Check a shard's Parquet footer, schema, row count, index and (labelled stores) label column;
+    returns its latent_shape."""
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
@@ -190,7 +202,25 @@ def check_shard(path: Path, rows: int, latent_shape: Sequence[int] | None, dtype
         raise StoreError(f"{path}: index: unreadable ({type(err).__name__}: {err})") from None
     if not np.array_equal(index, np.arange(first_index, first_index + rows)):
         raise StoreError(f"{path}: index: not the items [{first_index}, {first_index + rows}) in order")
+    if num_classes:
+        if schema.get_field_index("label") < 0 or schema.field("label").type != pa.int64():
+            raise StoreError(f"{path}: schema: column 'label' missing or not int64 (the manifest names "
+                             f"{num_classes} classes)")
+        labels = _read_column(path, "label", pf)
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise StoreError(f"{path}: label: values outside [0, {num_classes}) (min {labels.min()}, "
+                             f"max {labels.max()})")
     return shard_shape
+
+
+def _read_column(path: Path, name: str, pf: pq.ParquetFile | None = None) -> np.ndarray:
+    try:
+        column = (pf or pq.ParquetFile(path)).read(columns=[name])[name]
+        if column.null_count:
+            raise StoreError(f"{path}: {name}: {column.null_count} nulls")
+        return column.to_numpy()
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"{path}: {name}: unreadable ({type(err).__name__}: {err})") from None
 
 
 def validate_store(store_dir: str | Path, *, projector: dict | None = None, latent_shape: Sequence[int] | None = None,
@@ -223,7 +253,8 @@ def validate_store(store_dir: str | Path, *, projector: dict | None = None, late
             if digest != shard["sha256"]:
                 raise StoreError(f"{file}: sha256: corrupt: {digest[:12]}... does not match manifest "
                                  f"{str(shard['sha256'])[:12]}...")
-        check_shard(file, shard["rows"], manifest["latent_shape"], manifest["dtype"], k * manifest["shard_size"])
+        check_shard(file, shard["rows"], manifest["latent_shape"], manifest["dtype"], k * manifest["shard_size"],
+                    len(store_classes(manifest)))
     return manifest
 
 
@@ -248,14 +279,31 @@ def read_store(store_dir: str | Path, *, validate: bool = True, **expect: Any) -
     return torch.from_numpy(out)
 
 
-def _write_shard(root: Path, k: int, first_index: int, latents: np.ndarray, dtype: str) -> None:
+def read_labels(store_dir: str | Path) -> torch.Tensor:
+    """The labels [N] int64 of a labelled store in item-index order (the store is validated by the caller)."""
+    root = Path(store_dir)
+    manifest = read_manifest(root)
+    if not store_classes(manifest):
+        raise StoreError(f"{root / MANIFEST_FILE}: classes: the store is unlabelled (made from "
+                         f"{manifest['source'].get('dataset', '?')!r}); a linear probe needs a labelled dataset "
+                         "such as fashion-mnist")
+    parts = [_read_column(root / shard["file"], "label") for shard in manifest["shards"]]
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+
+def _write_shard(root: Path, k: int, first_index: int, latents: np.ndarray, dtype: str,
+                 labels: np.ndarray | None = None) -> None:
     """Write shard k atomically: temp file, fsync, rename; an existing shard file is always complete."""
     n, shape = latents.shape[0], list(latents.shape[1:])
     data = np.ascontiguousarray(latents, dtype=np.dtype(dtype).newbyteorder("<"))
     column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(item_width(shape, dtype)), n, [None, pa.py_buffer(data)])
     meta = json.dumps({"format": FORMAT_VERSION, "latent_shape": shape, "dtype": dtype}, sort_keys=True)
-    schema = pa.schema([("index", pa.int64()), ("latent", column.type)], metadata={SCHEMA_KEY: meta})
-    table = pa.table([pa.array(np.arange(first_index, first_index + n, dtype=np.int64)), column], schema=schema)
+    fields = [("index", pa.int64()), ("latent", column.type)] + ([("label", pa.int64())] if labels is not None else [])
+    schema = pa.schema(fields, metadata={SCHEMA_KEY: meta})
+    arrays = [pa.array(np.arange(first_index, first_index + n, dtype=np.int64)), column]
+    if labels is not None:
+        arrays.append(pa.array(np.asarray(labels, dtype=np.int64)))
+    table = pa.table(arrays, schema=schema)
     tmp = root / f"{_TMP_PREFIX}{shard_name(k)}.{uuid.uuid4().hex}"
     try:
         with tmp.open("wb") as f:
@@ -294,23 +342,27 @@ def _encode_range(start: int, stop: int, load_images: Callable[[int, int], torch
 def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callable[[int, int], torch.Tensor],
                      encode: Callable[[torch.Tensor], torch.Tensor], projector: dict, source: dict, split: str,
                      shard_size: int = 512, batch_size: int = 64, dtype: str = "float16",
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, load_labels: Callable[[int, int], torch.Tensor] | None = None,
+                     classes: Sequence[str] = ()) -> dict[str, Any]:
     """Encode items [0, num_items) into a store at `out_dir` (resuming an interrupted run); returns the manifest.
 
     `load_images(start, stop)` gives images [n, 3, H, W] in [0, 1]; `encode` maps them to latents
-    [n, C, h, w]. A complete store with the same identity is returned untouched; a store or plan
-    with another identity (projector, source, split, num_items, shard_size, dtype) is refused,
+    [n, C, h, w]. A labelled source passes `classes` and `load_labels(start, stop)` -> int64 [n].
+    A complete store with the same identity is returned untouched; a store or plan with another
+    identity (projector, source, split, num_items, shard_size, dtype, classes) is refused,
     naming the differing field, without modifying anything.
     """
     root = Path(out_dir)
     if dtype not in DTYPES:
         raise StoreError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+    if bool(classes) != (load_labels is not None):
+        raise StoreError("classes and load_labels: give both (a labelled source) or neither")
     for name, value in (("num_items", num_items), ("shard_size", shard_size), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise StoreError(f"{name}: {value!r} is not a positive int")
     try:
         identity = _plain({"projector": projector, "source": source, "split": split, "num_items": num_items,
-                           "shard_size": shard_size, "dtype": dtype})
+                           "shard_size": shard_size, "dtype": dtype, "classes": list(classes)})
     except TypeError as err:
         raise StoreError(f"projector/source: not JSON-serialisable ({err})") from None
 
@@ -318,7 +370,8 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
     if manifest_path.exists():
         manifest = read_manifest(root)
         made = {"projector": manifest["projector"], "source": manifest["source"], "split": manifest["split"],
-                "num_items": manifest["count"], "shard_size": manifest["shard_size"], "dtype": manifest["dtype"]}
+                "num_items": manifest["count"], "shard_size": manifest["shard_size"], "dtype": manifest["dtype"],
+                "classes": store_classes(manifest)}
         _refuse_other_identity(manifest_path, made, identity)
         validate_store(root, verify_checksums=False)
         log.info("store %s is complete (%d items); nothing to do", root, manifest["count"])
@@ -345,7 +398,7 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
             path = root / shard_name(k)
             if path.exists():
                 try:
-                    latent_shape = check_shard(path, stop - start, latent_shape, dtype, start)
+                    latent_shape = check_shard(path, stop - start, latent_shape, dtype, start, len(classes))
                     bar.update(stop - start)
                     continue
                 except StoreError as err:
@@ -355,7 +408,8 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
                 raise StoreError(f"{path}: latent_shape: encode gave {list(latents.shape[1:])}, earlier shards "
                                  f"have {latent_shape}")
             latent_shape = list(latents.shape[1:])
-            _write_shard(root, k, start, latents, dtype)
+            labels = _labels_of(load_labels, start, stop, len(classes), path) if load_labels else None
+            _write_shard(root, k, start, latents, dtype, labels)
     fsync_dir(root)
 
     shards = [{"file": shard_name(k), "rows": min(num_items, (k + 1) * shard_size) - k * shard_size,
@@ -364,13 +418,23 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
     manifest = {"format": FORMAT_VERSION, "projector": identity["projector"], "source": identity["source"],
                 "split": split, "latent_shape": latent_shape, "dtype": dtype, "count": num_items,
                 "shard_size": shard_size, "shards": shards, "created_unix": time.time(),
-                "code_version": code_version()}
+                "code_version": code_version(), **({"classes": list(classes)} if classes else {})}
     write_json_atomic(manifest_path, manifest)  # the store is complete from here on
     plan_path.unlink(missing_ok=True)
     fsync_dir(root)
     log.info("wrote store %s: %d items in %d shards, latent_shape %s %s", root, num_items, num_shards,
              latent_shape, dtype)
     return manifest
+
+
+def _labels_of(load_labels: Callable[[int, int], torch.Tensor], start: int, stop: int, num_classes: int,
+               path: Path) -> np.ndarray:
+    labels = np.asarray(load_labels(start, stop), dtype=np.int64).reshape(-1)
+    if labels.shape[0] != stop - start:
+        raise StoreError(f"{path}: label: load_labels({start}, {stop}) gave {labels.shape[0]} labels")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise StoreError(f"{path}: label: values outside [0, {num_classes}) for items [{start}, {stop})")
+    return labels
 
 
 def _refuse_other_identity(path: Path, made: Any, wanted: dict[str, Any]) -> None:

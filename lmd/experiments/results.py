@@ -1,14 +1,12 @@
-"""Tune results -> one tidy table (Parquet) -> the ablation summary.
+"""Tune results -> one tidy table (Parquet); the summary built on it lives in lmd.experiments.summary.
 
 Table contract (shared/DESIGN.md): one row per trial x report with trial_id, variant, seed, step,
-samples_seen, wall_seconds, device_seconds and the metrics. Summary per variant: mean and 95%
-t-interval over seeds of the final PSNR and masked MSE, time-to-target (training seconds until the
-held-out PSNR first reaches the pixel-MAE baseline's mean final PSNR), speedup against pixel MAE
-and device-hours.
+samples_seen, train_flops, wall_seconds, device_seconds and the metrics.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,15 +14,19 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-SCHEMA_VERSION = 2  # 2: + workers and the trial's config columns
+REFERENCES_FILE = "references.json"  # the experiment's reference records (lmd.experiments.references)
+SCHEMA_VERSION = 3  # 2: + workers and the trial's config columns; 3: + train_flops, val_probe_acc, patch_size, tokens
 SCHEMA_KEY = b"lmd_results_schema"  # Parquet schema metadata: which version wrote the file
 ID_COLUMNS = ["trial_id", "variant", "seed", "step", "samples_seen", "wall_seconds", "device_seconds"]
 METRIC_COLUMNS = ["loss", "mask_ratio", "lr", "val_masked_mse", "val_masked_mse_fixed", "val_psnr"]
+# Schema 3: cumulative training FLOPs (the deterministic compute axis) and the linear probe's accuracy.
+COMPUTE_COLUMNS = ["train_flops", "val_probe_acc"]
 # Data-parallel workers of the trial and the nodes they ran on (1, 1: the engine ran in the trial's process),
 # and what the trial trained.
 PLACEMENT_COLUMNS = ["workers", "num_nodes"]
-CONFIG_COLUMNS = ["scheduler", "mask_start", "mask_end", "mask_ramp", "projector", "preset", "total_steps"]
-COLUMNS = ID_COLUMNS + METRIC_COLUMNS + PLACEMENT_COLUMNS + CONFIG_COLUMNS
+CONFIG_COLUMNS = ["scheduler", "mask_start", "mask_end", "mask_ramp", "projector", "preset", "total_steps",
+                  "patch_size", "tokens"]
+COLUMNS = ID_COLUMNS + METRIC_COLUMNS + COMPUTE_COLUMNS + PLACEMENT_COLUMNS + CONFIG_COLUMNS
 
 
 def trial_id_of(result: Any) -> str:
@@ -45,7 +47,7 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     table = pd.concat(frames, ignore_index=True)
-    for column in METRIC_COLUMNS + CONFIG_COLUMNS:
+    for column in METRIC_COLUMNS + COMPUTE_COLUMNS + CONFIG_COLUMNS:
         if column not in table:
             table[column] = float("nan")
     for column in PLACEMENT_COLUMNS:  # absent or NaN for rows of in-process trials: one worker on one node
@@ -87,68 +89,24 @@ def interval(values: pd.Series) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
-def time_to_target(trial: pd.DataFrame, target: float) -> float:
-    """Training seconds until the trial's held-out PSNR first reaches `target` (nan if never)."""
-    reached = trial[trial["val_psnr"] >= target]
-    return float(reached["wall_seconds"].iloc[0]) if len(reached) else float("nan")
+def read_references(path: Path) -> list[dict[str, Any]]:
+    """The experiment's reference records ([] when the file is absent, e.g. an older experiment)."""
+    if not path.is_file():
+        return []
+    payload = json.loads(path.read_text())
+    records = payload.get("references") if isinstance(payload, dict) else None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected {{'references': [...]}}")
+    return records
 
 
-def speedup_half_width(base: pd.Series | None, variant: pd.Series) -> float:
-    """95% half-width of mean(base) / mean(variant) over the seeds that reached the target.
-
-    Delta method on the ratio of two independent means (relative standard errors add in quadrature),
-    with Welch-Satterthwaite degrees of freedom; nan when either side has fewer than two seeds.
-    """
-    if base is None:
-        return float("nan")
-    b, v = base.dropna(), variant.dropna()
-    if len(b) < 2 or len(v) < 2:
-        return float("nan")
-    rb = b.std(ddof=1) / math.sqrt(len(b)) / b.mean()
-    rv = v.std(ddof=1) / math.sqrt(len(v)) / v.mean()
-    if rb == 0 and rv == 0:
-        return 0.0
-    df = (rb**2 + rv**2) ** 2 / (rb**4 / (len(b) - 1) + rv**4 / (len(v) - 1))
-    return float(stats.t.ppf(0.975, df) * (b.mean() / v.mean()) * math.hypot(rb, rv))
-
-
-def summarize(table: pd.DataFrame, baseline: str = "pixel_mae") -> pd.DataFrame:
-    final = final_rows(table)
-    target = float(final.loc[final["variant"] == baseline, "val_psnr"].mean()) if baseline in set(
-        final["variant"]) else float("nan")
-    rows, ttts = [], {}
-    for variant, group in final.groupby("variant"):
-        ttt = pd.Series([time_to_target(table[table["trial_id"] == t].sort_values("step"), target)
-                         for t in group["trial_id"]])
-        ttts[variant] = ttt
-        psnr_mean, psnr_ci = interval(group["val_psnr"])
-        mse_mean, mse_ci = interval(group["val_masked_mse_fixed"])
-        ttt_mean, ttt_ci = interval(ttt)
-        rows.append({"variant": variant, "seeds": len(group), "psnr": psnr_mean, "psnr_ci95": psnr_ci,
-                     "masked_mse": mse_mean, "masked_mse_ci95": mse_ci, "time_to_target_s": ttt_mean,
-                     "time_to_target_ci95": ttt_ci, "reached_target": f"{int(ttt.notna().sum())}/{len(ttt)}",
-                     "device_hours": float(group["device_seconds"].sum()) / 3600})
-    summary = pd.DataFrame(rows)
-    if summary.empty:
-        return summary
-    base_ttt = summary.loc[summary["variant"] == baseline, "time_to_target_s"]
-    summary["speedup_vs_pixel_mae"] = (float(base_ttt.iloc[0]) / summary["time_to_target_s"]
-                                       if len(base_ttt) else float("nan"))
-    summary["speedup_ci95"] = [0.0 if v == baseline else speedup_half_width(ttts.get(baseline), ttts[v])
-                               for v in summary["variant"]]
-    summary.attrs["target_psnr"] = target
-    return summary.sort_values("variant", ignore_index=True)
-
-
-def format_summary(summary: pd.DataFrame) -> str:
-    if summary.empty:
-        return "no finished trials with evaluations"
-    lines = [f"target PSNR (pixel MAE's mean final): {summary.attrs.get('target_psnr', float('nan')):.2f} dB",
-             f"{'variant':<16}{'seeds':>6}{'PSNR dB (95% CI)':>20}{'masked MSE (95% CI)':>24}"
-             f"{'time-to-target s':>18}{'reached':>9}{'speedup':>9}{'device-h':>10}"]
-    for r in summary.itertuples():
-        lines.append(f"{r.variant:<16}{r.seeds:>6}{f'{r.psnr:.2f} ± {r.psnr_ci95:.2f}':>20}"
-                     f"{f'{r.masked_mse:.4f} ± {r.masked_mse_ci95:.4f}':>24}{r.time_to_target_s:>18.1f}"
-                     f"{r.reached_target:>9}{r.speedup_vs_pixel_mae:>8.2f}x{r.device_hours:>10.4f}")
-    lines.append(f"total device-hours: {summary['device_hours'].sum():.4f}")
-    return "\n".join(lines)
+def reference_columns(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per variant: fill_psnr, ceiling_psnr, raw_probe_acc, random_probe_acc (+ _ci95)."""
+    names = {"fill": "fill_psnr", "ceiling": "ceiling_psnr", "raw_probe": "raw_probe_acc",
+             "random_probe": "random_probe_acc"}
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        row = rows.setdefault(r["variant"], {"variant": r["variant"]})
+        row[names[r["reference"]]] = r["mean"]
+        row[names[r["reference"]] + "_ci95"] = r["ci95"]
+    return pd.DataFrame(list(rows.values()))

@@ -1,10 +1,11 @@
 """Hyperparameter search for LMD on Ray Tune with Optuna (TPE) and ASHA: `python tune/search.py`.
 
 Searches the mask scheduler, its start / final ratio and ramp, encoder and decoder depth and the
-learning rate, maximising the held-out PSNR of decoded reconstructions. The space is define-by-run,
-so conditional parameters are real: `constant` (when allowed) samples neither a start ratio nor a
-ramp. The Optuna study lives in a journal file next to the Tune results, so `optuna-dashboard
-<storage>/<name>/optuna.journal` opens it, and a resumed search keeps one study.
+learning rate, maximising `--metric`: the held-out linear-probe accuracy of the frozen encoder (the
+paper's measure; default, needs a labelled dataset) or the held-out PSNR of decoded reconstructions.
+The space is define-by-run, so conditional parameters are real: `constant` (when allowed) samples
+neither a start ratio nor a ramp. The Optuna study lives in a journal file next to the Tune results,
+so `optuna-dashboard <storage>/<name>/optuna.journal` opens it, and a resumed search keeps one study.
 """
 
 from __future__ import annotations
@@ -28,19 +29,24 @@ from lmd.experiments.trial import (
     trial_resources,
 )
 
-METRIC, MODE = "val_psnr", "max"
+METRICS = ("val_probe_acc", "val_psnr")  # both: higher is better
+MODE = "max"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=12, help="trials")
     p.add_argument("--budget", type=int, default=200, help="max steps per trial (ASHA stops weak ones earlier)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--projector", default="lmd-f8c4")
-    p.add_argument("--dataset", default="bundled")
-    p.add_argument("--num-train", type=int, default=2048)
-    p.add_argument("--num-val", type=int, default=256, help="held-out items (PSNR decodes the first 32 of them)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--metric", choices=METRICS, default="val_probe_acc",
+                   help="objective: linear-probe accuracy (default) or decoded PSNR, on held-out items")
+    p.add_argument("--preset", default="mini_p1")
+    p.add_argument("--projector", default="", help="default: the dataset's shipped projector")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--num-train", type=int, default=20000)
+    p.add_argument("--num-val", type=int, default=1000, help="held-out items (PSNR decodes the first 32 of them)")
+    p.add_argument("--num-probe", type=int, default=1000, help="labelled training items the linear probe is fit on")
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--end-range", nargs=2, type=float, default=[0.5, 0.9], metavar=("LOW", "HIGH"))
     p.add_argument("--depth-range", nargs=2, type=int, default=[1, 4], metavar=("LOW", "HIGH"))
     p.add_argument("--decoder-depth-range", nargs=2, type=int, default=[1, 3], metavar=("LOW", "HIGH"))
@@ -123,20 +129,29 @@ def run(args: argparse.Namespace) -> int:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from lmd.data.latents import resolve_store
+    from lmd.data.images import ImageSourceError
+    from lmd.data.latents import probe_set, resolve_store
+    from lmd.data.store import StoreError
+    from lmd.projector import ProjectorError
 
     try:
         check_ranges(args)
         if "://" in args.storage:
             raise ConfigError(f"--storage {args.storage}: the search keeps its Optuna journal beside the results, so "
                               "it needs a filesystem path (on a cluster: a mount every node sees)")
-        base = {"model.preset": args.preset, "data.dataset": args.dataset, "data.projector": args.projector,
+        from lmd.experiments.ablation import latent_projector
+
+        base = {"model.preset": args.preset, "data.dataset": args.dataset, "data.projector": latent_projector(args),
+                "data.resolution": args.resolution, "data.num_probe": args.num_probe,
                 "data.num_train": args.num_train, "data.num_val": args.num_val, "data.batch_size": args.batch_size,
                 "run.steps": args.budget, "run.seed": 0, "run.eval_every": args.eval_every,
                 "run.log_every": args.eval_every, "run.ckpt_every": args.eval_every,
                 "run.device": "cuda" if args.gpus_per_trial > 0 else "cpu"}
-        resolve_store(build_config(overrides=base))  # build/validate the store once, before any trial
-    except ConfigError as err:
+        root, _ = resolve_store(build_config(overrides=base))  # build/validate the store once, before any trial
+        if args.metric == "val_probe_acc" and probe_set(root, args.num_probe) is None:
+            raise ConfigError(f"--metric val_probe_acc: the {args.dataset!r} store is unlabelled or --num-probe is 0; "
+                              "use a labelled dataset (fashion-mnist, mnist, class subfolders) or --metric val_psnr")
+    except (ConfigError, StoreError, ProjectorError, ImageSourceError) as err:
         print(f"search: error: {err}", file=sys.stderr)
         return 2
     storage = str(Path(args.storage).resolve())
@@ -147,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     experiment.mkdir(parents=True, exist_ok=True)
     journal = JournalStorage(JournalFileBackend(str(experiment / "optuna.journal")))
-    searcher = OptunaSearch(SearchSpace(args, base, placement(args)), metric=METRIC, mode=MODE, study_name=args.name,
-                            storage=journal, sampler=optuna.samplers.TPESampler(seed=args.seed))
+    searcher = OptunaSearch(SearchSpace(args, base, placement(args)), metric=args.metric, mode=MODE,
+                            study_name=args.name, storage=journal, sampler=optuna.samplers.TPESampler(seed=args.seed))
     scheduler = ASHAScheduler(time_attr="step", max_t=args.budget, grace_period=min(args.budget, 2 * args.eval_every),
                               reduction_factor=2)
     ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -161,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             concurrent = max_concurrent_trials(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial)
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=METRIC, mode=MODE,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=args.metric, mode=MODE,
                                             num_samples=args.samples, max_concurrent_trials=concurrent,
                                             trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(name=args.name, storage_path=storage, verbose=0))
@@ -170,9 +185,9 @@ def run(args: argparse.Namespace) -> int:
         ray.shutdown()
     table = tidy_table(results, devices_per_trial=args.gpus_per_trial or args.cpus_per_trial)
     write_table(table, experiment / "results.parquet")
-    best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
+    best = results.get_best_result(metric=args.metric, mode=MODE, scope="last")
     searched = {k: v for k, v in best.config.items() if k not in ("base", "placement")}
-    print(f"best {METRIC}={best.metrics.get(METRIC):.3f} with {searched}")
+    print(f"best {args.metric}={best.metrics.get(args.metric):.3f} with {searched}")
     print(f"results: {experiment / 'results.parquet'}; Optuna study: {experiment / 'optuna.journal'}")
     (experiment / "args.json").write_text(json.dumps(vars(args), indent=2))
     write_pictures(results, table, experiment, pick="best")

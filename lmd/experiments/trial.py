@@ -91,7 +91,8 @@ def trial_tags(config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     tags = {key: config[key] for key in ("variant", "seed") if key in config}
     m = cfg.mask
     return {**tags, "scheduler": m.scheduler, "mask_start": m.start, "mask_end": m.end, "mask_ramp": m.ramp,
-            "projector": cfg.data.projector, "preset": cfg.model.preset, "total_steps": cfg.run.steps}
+            "projector": cfg.data.projector, "preset": cfg.model.preset, "total_steps": cfg.run.steps,
+            "patch_size": cfg.model.patch_size, "tokens": cfg.model.num_patches}
 
 
 def trial_dirname(trial: Any) -> str:

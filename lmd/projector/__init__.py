@@ -1,6 +1,7 @@
 """Latent projectors: `load_projector(spec)` turns a name or local path into a `Projector`.
 
-Specs: `lmd-f8c4` (default: the project's own pretrained weights, shipped in this package),
+Specs: `lmd-f8c4` (default: the project's own pretrained weights on photos, shipped in this package),
+`lmd-f8c4-fmnist` (the same architecture fine-tuned on Fashion-MNIST at 32 px, also shipped),
 `identity` (pixel space), `taesd:DIR` (official TAESD files), `sdvae:DIR` (diffusers AutoencoderKL),
 or a bare path: a `.safetensors` file in the project's format, or a directory holding TAESD or
 SD-VAE files.
@@ -11,14 +12,15 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from lmd.config import DATASET_PROJECTORS, DEFAULT_PROJECTOR  # noqa: E402 - one definition, torch-free
 from lmd.projector.base import IdentityProjector, Projector, ProjectorError
 from lmd.projector.loaders import SDVAEProjector, TAESDProjector
 
-DEFAULT_PROJECTOR = "lmd-f8c4"
-BUNDLED_WEIGHTS = {"lmd-f8c4": "weights/lmd_f8c4.safetensors"}
+BUNDLED_WEIGHTS = {"lmd-f8c4": "weights/lmd_f8c4.safetensors",  # photos, 64-128 px
+                   "lmd-f8c4-fmnist": "weights/lmd_f8c4_fmnist.safetensors"}  # Fashion-MNIST, 32 px
 
-__all__ = ["DEFAULT_PROJECTOR", "IdentityProjector", "Projector", "ProjectorError", "SDVAEProjector",
-           "TAESDProjector", "bundled_weights_path", "load_projector"]
+__all__ = ["DATASET_PROJECTORS", "DEFAULT_PROJECTOR", "IdentityProjector", "Projector", "ProjectorError",
+           "SDVAEProjector", "TAESDProjector", "bundled_weights_path", "load_projector"]
 
 
 def bundled_weights_path(name: str = DEFAULT_PROJECTOR) -> Path:

@@ -1,0 +1,203 @@
+"""The ablation's answer: per-variant final quality next to its references, and time-to-target at equal compute.
+
+Per variant (over seeds): final held-out PSNR, masked MSE and linear-probe accuracy with 95%
+t-intervals; the references of lmd.experiments.references (no-model fill, projector ceiling, probe
+on raw inputs and on a random encoder) and whether the variant beats them (its interval entirely
+above the reference's); and time-to-target on three axes: samples seen, training FLOPs (the
+deterministic headline) and wall seconds. The target is the baseline's (pixel MAE's) mean final
+value of `target_metric`; a trial's time-to-target is interpolated linearly between the two
+evaluations that straddle it.
+
+Times and speedups are positive quantities, so their intervals are computed on the log scale
+(geometric means; the speedup is the ratio of geometric means, with a Welch t-interval on the
+difference of mean logs) and can never go below zero. Seeds that never reach the target are
+counted (`reached`) and left out of the times.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from lmd.experiments.results import final_rows, interval, reference_columns
+
+AXES = {"tflops": "train_flops", "samples": "samples_seen", "seconds": "wall_seconds"}
+HIGHER_IS_BETTER = {"val_psnr": True, "val_probe_acc": True, "val_masked_mse_fixed": False}
+TARGET_METRICS = tuple(HIGHER_IS_BETTER)
+
+
+def crossing(trial: pd.DataFrame, metric: str, target: float, axis: str) -> float:
+    """`axis` value where the trial's `metric` first reaches `target`, interpolated between evaluations
+    (nan if it never does)."""
+    evals = trial.dropna(subset=[metric]).sort_values("step")
+    m, x = evals[metric].to_numpy(float), evals[axis].to_numpy(float)
+    better = m >= target if HIGHER_IS_BETTER[metric] else m <= target
+    if not better.any():
+        return float("nan")
+    k = int(np.argmax(better))
+    if k == 0 or m[k] == m[k - 1]:
+        return float(x[k])
+    return float(x[k - 1] + (x[k] - x[k - 1]) * (target - m[k - 1]) / (m[k] - m[k - 1]))
+
+
+def log_interval(values: pd.Series) -> tuple[float, float, float]:
+    """Geometric mean and its 95% interval (t on the logs) of positive values; (nan,)*3 if none."""
+    v = values.dropna()
+    v = v[v > 0]
+    if len(v) == 0:
+        return (float("nan"),) * 3
+    logs = np.log(v.to_numpy(float))
+    centre = float(np.exp(logs.mean()))
+    if len(v) < 2:
+        return centre, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(v) - 1) * logs.std(ddof=1) / math.sqrt(len(v))
+    return centre, float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))
+
+
+def speedup(base: pd.Series, variant: pd.Series) -> tuple[float, float, float]:
+    """Ratio of geometric means base / variant and its 95% interval (Welch t on mean log differences)."""
+    b, v = np.log(base.dropna().to_numpy(float)), np.log(variant.dropna().to_numpy(float))
+    if len(b) == 0 or len(v) == 0:
+        return (float("nan"),) * 3
+    diff = b.mean() - v.mean()
+    if len(b) < 2 or len(v) < 2:
+        return float(np.exp(diff)), float("nan"), float("nan")
+    sb, sv = b.var(ddof=1) / len(b), v.var(ddof=1) / len(v)
+    if sb + sv == 0:
+        return (float(np.exp(diff)),) * 3
+    df = (sb + sv) ** 2 / (sb**2 / (len(b) - 1) + sv**2 / (len(v) - 1))
+    half = stats.t.ppf(0.975, df) * math.sqrt(sb + sv)
+    return float(np.exp(diff)), float(np.exp(diff - half)), float(np.exp(diff + half))
+
+
+def _beats(mean: float, half: float, ref: float, ref_half: float, higher: bool = True) -> str:
+    """'yes' when the variant's interval lies entirely beyond the reference's, 'no' otherwise, 'n/a' without data."""
+    if any(isinstance(x, float) and math.isnan(x) for x in (mean, ref)):
+        return "n/a"
+    half = 0.0 if math.isnan(half) else half
+    ref_half = 0.0 if math.isnan(ref_half) else ref_half
+    return "yes" if (mean - half > ref + ref_half if higher else mean + half < ref - ref_half) else "no"
+
+
+def summarize(table: pd.DataFrame, baseline: str = "pixel_mae", target_metric: str = "val_psnr",
+              references: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """One row per variant; `attrs` hold the target, its metric and the baseline."""
+    if target_metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"target metric {target_metric!r}: choose one of {', '.join(TARGET_METRICS)}")
+    final = final_rows(table)
+    has_target = target_metric in final and baseline in set(final["variant"])
+    target = float(final.loc[final["variant"] == baseline, target_metric].mean()) if has_target else float("nan")
+    rows, times = [], {}
+    for variant, group in final.groupby("variant"):
+        trials = [table[table["trial_id"] == t] for t in group["trial_id"]]
+        times[variant] = {name: pd.Series([crossing(t, target_metric, target, col) for t in trials], dtype=float)
+                          for name, col in AXES.items() if col in table}
+        row: dict[str, Any] = {"variant": variant, "seeds": len(group), "steps": float(group["step"].mean()),
+                               "samples": float(group["samples_seen"].mean()),
+                               "device_hours": float(group["device_seconds"].sum()) / 3600}
+        if "train_flops" in group:
+            row["train_tflops"] = float(group["train_flops"].mean()) / 1e12
+        for name, col in (("psnr", "val_psnr"), ("masked_mse", "val_masked_mse_fixed"), ("probe_acc", "val_probe_acc")):
+            row[name], row[f"{name}_ci95"] = interval(group[col]) if col in group else (float("nan"),) * 2
+        reached = next(iter(times[variant].values()), pd.Series(dtype=float))
+        row["reached_target"] = f"{int(reached.notna().sum())}/{len(group)}"
+        for name, values in times[variant].items():
+            scale = 1e12 if name == "tflops" else 1.0
+            row[f"{name}_to_target"], row[f"{name}_to_target_lo"], row[f"{name}_to_target_hi"] = (
+                x / scale for x in log_interval(values))
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    if summary.empty:
+        return summary
+    for name in AXES:
+        if name not in times.get(baseline, {}):
+            continue
+        cols = [f"speedup_{name}", f"speedup_{name}_lo", f"speedup_{name}_hi"]
+        values = [(1.0, 1.0, 1.0) if v == baseline else speedup(times[baseline][name], times[v][name])
+                  for v in summary["variant"]]
+        summary[cols] = pd.DataFrame(values, columns=cols)
+    refs = reference_columns(references or [])
+    if not refs.empty:
+        summary = summary.merge(refs, on="variant", how="left")
+        verdicts = {"beats_fill": ("psnr", "fill_psnr"), "beats_raw_probe": ("probe_acc", "raw_probe_acc"),
+                    "beats_random_probe": ("probe_acc", "random_probe_acc")}
+        for verdict, (mine, ref) in verdicts.items():
+            if ref in summary:
+                summary[verdict] = [_beats(r[mine], r[f"{mine}_ci95"], r[ref], r.get(f"{ref}_ci95", 0.0))
+                                    for r in summary.to_dict("records")]
+    summary = summary.sort_values("variant", ignore_index=True)
+    summary.attrs.update({"target": target, "target_metric": target_metric, "baseline": baseline})
+    return summary
+
+
+def _pm(mean: float, half: float, fmt: str) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:{fmt}}" if math.isnan(half) else f"{mean:{fmt}} ± {half:{fmt}}"
+
+
+def _range(centre: float, lo: float, hi: float, fmt: str) -> str:
+    if math.isnan(centre):
+        return "-"
+    return f"{centre:{fmt}}" if math.isnan(lo) else f"{centre:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The printed answer: quality against references, then compute to the target, then verdicts."""
+    if summary.empty:
+        return "no finished trials with evaluations"
+    a = summary.attrs
+    s = summary.to_dict("records")
+    get = lambda r, k: r.get(k, float("nan"))  # noqa: E731 - older tables lack some columns
+    lines = ["quality at the end of each variant's budget (mean ± 95% CI over seeds):",
+             f"{'variant':<24}{'seeds':>6}{'PSNR dB':>16}{'fill dB':>9}{'ceiling':>9}{'> fill':>8}"
+             f"{'probe acc':>17}{'random enc':>17}{'raw input':>11}{'> random':>10}"]
+    for r in s:
+        lines.append(f"{r['variant']:<24}{r['seeds']:>6}{_pm(r['psnr'], r['psnr_ci95'], '.2f'):>16}"
+                     f"{get(r, 'fill_psnr'):>9.2f}{get(r, 'ceiling_psnr'):>9.2f}{r.get('beats_fill', 'n/a'):>8}"
+                     f"{_pm(r['probe_acc'], r['probe_acc_ci95'], '.3f'):>17}"
+                     f"{_pm(get(r, 'random_probe_acc'), get(r, 'random_probe_acc_ci95'), '.3f'):>17}"
+                     f"{get(r, 'raw_probe_acc'):>11.3f}{r.get('beats_random_probe', 'n/a'):>10}")
+    unit = {"val_psnr": " dB"}.get(a["target_metric"], "")
+    lines += ["", f"time to the target {a['target_metric']} = {a['target']:.3f}{unit} ({a['baseline']}'s mean final); "
+              "geometric means [95% CI] over the seeds that reached it:",
+              f"{'variant':<24}{'TFLOP spent':>12}{'reached':>9}{'TFLOP to target':>26}{'speedup (FLOPs)':>26}"
+              f"{'speedup (samples)':>26}{'speedup (wall s)':>26}{'device-h':>10}"]
+    for r in s:
+        lines.append(f"{r['variant']:<24}{get(r, 'train_tflops'):>12.3f}{r['reached_target']:>9}"
+                     f"{_range(get(r, 'tflops_to_target'), get(r, 'tflops_to_target_lo'), get(r, 'tflops_to_target_hi'), '.3f'):>26}"  # noqa: E501
+                     f"{_range(get(r, 'speedup_tflops'), get(r, 'speedup_tflops_lo'), get(r, 'speedup_tflops_hi'), '.2f'):>26}"  # noqa: E501
+                     f"{_range(get(r, 'speedup_samples'), get(r, 'speedup_samples_lo'), get(r, 'speedup_samples_hi'), '.2f'):>26}"  # noqa: E501
+                     f"{_range(get(r, 'speedup_seconds'), get(r, 'speedup_seconds_lo'), get(r, 'speedup_seconds_hi'), '.2f'):>26}"  # noqa: E501
+                     f"{r['device_hours']:>10.4f}")
+    lines.append(f"total device-hours: {summary['device_hours'].sum():.4f}")
+    lines += [""] + verdicts(summary)
+    return "\n".join(lines)
+
+
+def verdicts(summary: pd.DataFrame) -> list[str]:
+    """Plain sentences: which variants fail their references, and what the FLOPs speedups say about 3x."""
+    out = []
+    for r in summary.to_dict("records"):
+        if r.get("beats_fill") == "no":
+            out.append(f"{r['variant']}: held-out PSNR {r['psnr']:.2f} dB does not beat the no-model fill "
+                       f"({r['fill_psnr']:.2f} dB) with non-overlapping intervals")
+        if r.get("beats_random_probe") == "no":
+            out.append(f"{r['variant']}: probe accuracy {r['probe_acc']:.3f} does not beat a random encoder's "
+                       f"({r['random_probe_acc']:.3f})")
+        if r.get("beats_raw_probe") == "no":
+            out.append(f"{r['variant']}: probe accuracy {r['probe_acc']:.3f} does not beat the probe on raw inputs "
+                       f"({r['raw_probe_acc']:.3f})")
+        lo, hi = r.get("speedup_tflops_lo", float("nan")), r.get("speedup_tflops_hi", float("nan"))
+        if r["variant"] != summary.attrs.get("baseline") and not math.isnan(lo):
+            where = ("below 1x (slower than the baseline)" if hi < 1 else "above 3x" if lo > 3 else
+                     "at least 1x but below 3x" if lo >= 1 and hi < 3 else
+                     "spans 1x (not separable from the baseline)" if lo < 1 <= hi else "spans 3x")
+            out.append(f"{r['variant']}: FLOPs speedup {r['speedup_tflops']:.2f}x [{lo:.2f}, {hi:.2f}]: {where}")
+        elif r["variant"] != summary.attrs.get("baseline"):
+            out.append(f"{r['variant']}: reached the target in {r['reached_target']} seeds: no speedup interval")
+    return out
