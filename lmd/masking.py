@@ -9,10 +9,12 @@ segment) is deliberately not reproduced.
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from lmd.config import MaskConfig
+
+if TYPE_CHECKING:  # the schedules are pure Python: the dashboard draws them without importing torch
+    import torch
 
 COSINE_OFFSET = 0.008  # the `s` of the improved-DDPM cosine schedule used by the official code
 
@@ -95,6 +97,8 @@ def random_masking(
     Returns x_visible [N, keep, D], mask [N, L] (1 = masked, 0 = visible, in original order), and
     ids_restore [N, L] that puts the shuffled sequence back in order.
     """
+    import torch
+
     n, length, dim = x.shape
     if noise is None:
         noise = torch.rand(n, length, device=x.device)  # [N, L]

@@ -67,15 +67,22 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def _ridge_path(x: torch.Tensor, y: torch.Tensor, lambdas: tuple[float, ...]) -> list[torch.Tensor]:
-    """Ridge weights [D + 1, K] (last row: bias) for every lambda from one eigendecomposition."""
-    n = x.shape[0]
+    """Ridge weights [D + 1, K] (last row: bias) for every lambda from one eigendecomposition.
+
+    Primal form (eigh of the D x D covariance) when features are fewer than items, dual form (eigh
+    of the N x N Gram matrix, W = Xc^T (Xc Xc^T + lambda n I)^-1 Yc) otherwise: the same solution,
+    but raw 32 px pixels (3,072 features) on 1,000 items cost a 1,000-sized eigh, not a 3,072 one.
+    """
+    n, d = x.shape
     xm, ym = x.mean(0), y.mean(0)
     xc, yc = x - xm, y - ym
-    evals, evecs = torch.linalg.eigh(xc.T @ xc)  # [D], [D, D]
-    proj = evecs.T @ (xc.T @ yc)  # [D, K]
+    primal = d <= n
+    evals, evecs = torch.linalg.eigh(xc.T @ xc if primal else xc @ xc.T)  # [M], [M, M], M = min(D, N)
+    proj = evecs.T @ (xc.T @ yc if primal else yc)  # [M, K]
     weights = []
     for lam in lambdas:
-        w = evecs @ (proj / (evals.clamp_min(0) + lam * n)[:, None])
+        coef = evecs @ (proj / (evals.clamp_min(0) + lam * n)[:, None])  # [M, K]
+        w = coef if primal else xc.T @ coef  # [D, K]
         weights.append(torch.cat([w, (ym - xm @ w)[None]], dim=0))
     return weights
 

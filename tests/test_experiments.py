@@ -174,6 +174,9 @@ def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
     # Existing experiment without --resume: refused, nothing overwritten.
     refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    # --resume with a different grid is refused by name instead of silently running the old one.
+    changed = subprocess.run([*args, "--resume", "--evals", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "--evals: was 4, now 2" in changed.stderr.strip().splitlines()[-1]
 
     resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -100,6 +100,20 @@ def test_ridge_probe_separates_what_is_linearly_separable():
     assert result.accuracy > 0.95 and result.features == 8
 
 
+@pytest.mark.parametrize("items", [300, 40])  # more items than features (primal form), fewer (dual form)
+def test_ridge_weights_equal_the_direct_closed_form(items):
+    from lmd.probe import _ridge_path
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(items, 50, generator=g).double(), torch.rand(items, 3, generator=g).double()
+    lam = 0.1
+    (w,) = _ridge_path(x, y, (lam,))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    direct = torch.linalg.solve(xc.T @ xc + lam * items * torch.eye(50, dtype=torch.float64), xc.T @ yc)
+    assert torch.allclose(w[:-1], direct, atol=1e-8)
+    assert torch.allclose(w[-1], y.mean(0) - x.mean(0) @ direct, atol=1e-8)  # the bias row
+
+
 def test_unlabelled_stores_have_no_probe(tmp_path):
     root = tmp_path / "store"
     build_store(root, "bundled", IdentityProjector(), 64, num_train=8, num_val=4, progress=False)
