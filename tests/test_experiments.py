@@ -130,6 +130,15 @@ def test_every_variant_gets_the_same_flops_budget():
     assert set(by_steps.values()) == {50}
 
 
+def test_a_time_budget_buys_each_variant_steps_at_its_measured_rate():
+    from lmd.experiments.ablation import budget_steps, parse_args
+
+    steps = budget_steps(parse_args(["--budget-by", "time", "--budget", "2", "--batch-size", "16",
+                                     "--variants", "no_scheduler", "pixel_mae"]))
+    # The same seconds buy more of the cheaper 16-token steps than of MAE's 64-token ones.
+    assert steps["no_scheduler"] > steps["pixel_mae"] >= 1
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--variants", "lmd_cosine", "nope"], "--variants: unknown nope"),
     (["--seeds", "0"], "--seeds=0"),

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, StoreError, ProjectorError, ImageSourceError) as err:
         _fail(str(err))
     budget = budget_record(args, trials)
-    print(format_budget(budget))
+    print(format_budget(budget), flush=True)
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / "args.json").write_text(json.dumps(vars(args), indent=2))
     references_path = experiment / REFERENCES_FILE
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     table = tidy_table(results, devices_per_trial=args.gpus_per_trial or args.cpus_per_trial)
     write_table(table, experiment / "results.parquet")
     summary = summarize(table, BASELINE, args.target_metric, references)
-    print(format_summary(summary))
+    print(format_summary(summary), flush=True)
     write_summary(summary, budget, references, experiment / "summary.json")
     print(f"results: {experiment / 'results.parquet'} ({len(table)} rows, {table['trial_id'].nunique()} trials)")
     from lmd.experiments.pictures import write_pictures

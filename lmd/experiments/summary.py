@@ -199,5 +199,8 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
                      "spans 1x (not separable from the baseline)" if lo < 1 <= hi else "spans 3x")
             out.append(f"{r['variant']}: FLOPs speedup {r['speedup_tflops']:.2f}x [{lo:.2f}, {hi:.2f}]: {where}")
         elif r["variant"] != summary.attrs.get("baseline"):
-            out.append(f"{r['variant']}: reached the target in {r['reached_target']} seeds: no speedup interval")
+            base = summary.attrs.get("baseline")
+            base_reached = next((b["reached_target"] for b in summary.to_dict("records") if b["variant"] == base), "-")
+            out.append(f"{r['variant']}: no FLOPs speedup interval: it needs >= 2 seeds reaching the target on both "
+                       f"sides ({r['variant']} {r['reached_target']}, {base} {base_reached})")
     return out
