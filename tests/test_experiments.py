@@ -143,6 +143,9 @@ def test_a_time_budget_buys_each_variant_steps_at_its_measured_rate():
     (["--variants", "lmd_cosine", "nope"], "--variants: unknown nope"),
     (["--seeds", "0"], "--seeds=0"),
     (["--workers-per-trial", "2", "--gpus-per-trial", "1"], "0.5 GPU per worker"),
+    (["--budget", "-1"], "--budget=-1.0: must be a positive number of TFLOP"),
+    (["--dataset", "bundled", "--target-metric", "val_probe_acc", "--num-train", "32", "--num-val", "8",
+      "--batch-size", "16"], "is unlabelled or --num-probe is 0"),
 ])
 def test_ablation_bad_input_is_one_line(tmp_path, args, message):
     proc = _run("ablation.py", *args, "--storage", str(tmp_path))

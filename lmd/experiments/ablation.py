@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lmd.dashboard.page import render_after_experiment
     from lmd.data.images import ImageSourceError
-    from lmd.data.latents import resolve_store
+    from lmd.data.latents import probe_set, resolve_store
     from lmd.data.store import StoreError
     from lmd.projector import ProjectorError
 
@@ -216,7 +216,11 @@ def run(args: argparse.Namespace) -> int:
         seed0 = {name: variant_config(args, VARIANTS[name], steps=1, seed=0) for name in args.variants}
         # Stores are built (or reused) once here, not by every trial; each trial then checks its own.
         for projector in sorted({c.data.projector for c in seed0.values()}):
-            resolve_store(next(c for c in seed0.values() if c.data.projector == projector))
+            root, _ = resolve_store(next(c for c in seed0.values() if c.data.projector == projector))
+            if args.target_metric == "val_probe_acc" and probe_set(root, args.num_probe) is None:
+                raise ConfigError(f"--target-metric val_probe_acc: the {args.dataset!r} store {root} is unlabelled "
+                                  "or --num-probe is 0; use a labelled dataset (fashion-mnist, mnist, class "
+                                  "subfolders) or --target-metric val_psnr")
         steps = budget_steps(args)
         trials = trial_configs(args, steps)
     except (ConfigError, StoreError, ProjectorError, ImageSourceError) as err:
