@@ -360,6 +360,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     try:
         state, manifest = load_checkpoint(ckpt)
         cfg = TrainConfig.from_dict(manifest["config"])
+        if cfg.data.dataset == "synthetic":
+            raise StoreError(f"{ckpt}: a run on --dataset synthetic has no labels to probe; train on a labelled "
+                             "dataset such as fashion-mnist")
         root, _ = resolve_store(cfg, progress=False)
         probe = probe_set(root, args.num_probe or cfg.data.num_probe or 2048)
         if probe is None:

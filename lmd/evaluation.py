@@ -38,12 +38,14 @@ def reconstruction_psnr(model: MaskedLatentTransformer, projector: Projector, la
     """Mean per-image PSNR (dB) of decode(visible + predicted latents) against `images`, at `ratio`."""
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
+    # The masks are drawn on the CPU whatever the device, so they are the same on every machine and the
+    # same as the no-model fill reference's (lmd.experiments.references); a CUDA generator draws others.
+    gen = torch.Generator()
     values = []
     for i in range(0, latents.shape[0], batch_size):
         chunk = latents[i:i + batch_size].to(device)
         gen.manual_seed(PSNR_SEED + i)
-        noise = torch.rand(chunk.shape[0], model.cfg.num_patches, device=device, generator=gen)
+        noise = torch.rand(chunk.shape[0], model.cfg.num_patches, generator=gen).to(device)
         decoded = projector.to(device).decode(reconstruct(model, chunk, ratio, noise))
         values.append(psnr(images[i:i + batch_size].to(device), decoded).cpu())
     return torch.cat(values).mean().item()

@@ -101,7 +101,8 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3) -> float:
     m, b = cfg.model, cfg.data.batch_size
     latents = torch.randn(b, m.in_chans, m.latent_size, m.latent_size, device=device)
     seconds, flops = 0.0, 0.0
-    for ratio in sorted({cfg.mask.start, cfg.mask.end}):
+    # The ratios the schedule visits: a constant schedule only ever trains at its end ratio.
+    for ratio in sorted({cfg.mask.end} if cfg.mask.scheduler == "constant" else {cfg.mask.start, cfg.mask.end}):
         for k in range(steps + 1):
             started = time.perf_counter()
             loss, _, _ = model(latents, ratio, torch.rand(b, m.num_patches, device=device))

@@ -89,6 +89,10 @@ def test_summary_statistics_and_time_to_target_at_equal_compute():
     assert summary.loc["lmd_cosine", "speedup_samples"] == pytest.approx(17.5 / math.sqrt(12.5 * 10))
     assert summary.loc["pixel_mae", "speedup_tflops_lo"] == 1.0  # the baseline against itself, exactly
     assert math.isnan(summary.loc["lmd_cosine", "speedup_tflops_lo"])  # one baseline seed reached it: no interval
+    # Censoring is reported: lmd seed 1 met the target at its first evaluation (its time is over-stated) and a
+    # baseline seed never met it (left out): both make the reported speedup a lower bound.
+    assert summary.loc["lmd_cosine", "first_eval_crossings"] == 1
+    assert summary.loc["lmd_cosine", "speedup_bound"] == "lower"
     # References: lmd (14.5 +- 6.4) does not beat a 12.9 dB fill with non-overlapping intervals.
     assert summary.loc["lmd_cosine", "fill_psnr"] == 12.9 and summary.loc["lmd_cosine", "beats_fill"] == "no"
 
@@ -101,6 +105,18 @@ def test_time_intervals_are_positive_and_speedups_are_ratios_of_geometric_means(
     assert 3.0 < lo < ratio < hi < 5.0
     ratio, lo, hi = speedup(pd.Series([1.0, 50.0]), pd.Series([2.0, 3.0]))  # noisy: wide, but positive
     assert 0 < lo < 1 < hi
+
+
+def test_censoring_says_which_way_a_speedup_is_biased():
+    from lmd.experiments.summary import bound_of
+
+    clean = {"first": 0, "missed": 0}
+    assert bound_of(clean, clean) == ""
+    assert bound_of({"first": 1, "missed": 0}, clean) == "lower"  # the variant was faster than measured
+    assert bound_of(clean, {"first": 0, "missed": 1}) == "lower"  # the baseline's slowest seed is missing
+    assert bound_of({"first": 0, "missed": 1}, clean) == "upper"  # the variant's slowest seed is missing
+    assert bound_of(clean, {"first": 1, "missed": 0}) == "upper"  # the baseline was faster than measured
+    assert bound_of({"first": 1, "missed": 1}, clean) == "both"
 
 
 def test_crossing_follows_the_metric_direction():
@@ -151,6 +167,13 @@ def test_ablation_bad_input_is_one_line(tmp_path, args, message):
     proc = _run("ablation.py", *args, "--storage", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("ablation: error:") and message in proc.stderr
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_a_rerun(tmp_path):
+    args = ["--variants", "pixel_mae", "--seeds", "1", *SMALL, "--address", "127.0.0.1:9", "--storage", str(tmp_path)]
+    proc = _run("ablation.py", *args)
+    assert proc.returncode == 1 and "no Ray cluster reachable" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "ablation").exists()  # a rerun needs no --resume, and --resume is not a dead end
 
 
 def test_search_bad_range_is_refused(tmp_path):

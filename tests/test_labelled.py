@@ -128,10 +128,16 @@ def test_image_folder_class_subfolders_are_labels(tmp_path):
     for split in ("train", "val"):
         for k, name in enumerate(("cat", "dog", "fox")):
             (tmp_path / split / name).mkdir(parents=True)
-            for i in range(2):
-                Image.new("RGB", (20, 16), (k * 80, i * 50, 0)).save(tmp_path / split / name / f"{i}.png")
+            for i in range(10):
+                Image.new("RGB", (20, 16), (k * 80, i * 20, 0)).save(tmp_path / split / name / f"{i}.png")
     source = ImageFolder(tmp_path, "val", 16)
-    assert source.classes == ("cat", "dog", "fox") and source.labels(0, 6).tolist() == [0, 0, 1, 1, 2, 2]
+    labels = source.labels(0, 30)
+    assert source.classes == ("cat", "dog", "fox") and sorted(labels.tolist()) == [0] * 10 + [1] * 10 + [2] * 10
+    assert all(path.parent.name == source.classes[k] for path, k in zip(source.files, labels.tolist(), strict=True))
+    # Items are in a fixed mixed order, so a prefix (a --limit, the probe's first items) is not one class
+    # (sorted paths would give nine cats).
+    assert len(set(ImageFolder(tmp_path, "val", 16, limit=9).labels(0, 9).tolist())) >= 2
+    assert [p.name for p in ImageFolder(tmp_path, "val", 16).files] == [p.name for p in source.files]
     assert image_source(str(tmp_path), "train", 16).describe()["classes"] == ["cat", "dog", "fox"]
     (tmp_path / "val" / "wolf").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "val" / "wolf" / "0.png")

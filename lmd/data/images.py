@@ -185,8 +185,12 @@ class ImageFolder:
         if not files:
             raise ImageSourceError(f"{base}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) for split {split!r}")
         self.root, self.split, self.resolution = root, split, resolution
-        self.files = files[:limit] if limit else files
         self.classes = self._class_names(root / "train" if has_splits else root, base)
+        if self.classes:
+            # Sorted paths come grouped by class: a prefix (`limit`, the probe's first items) would hold one
+            # class. A fixed permutation mixes them, the same on every machine.
+            files = [files[i] for i in np.random.default_rng(20_240_303).permutation(len(files))]
+        self.files = files[:limit] if limit else files
         index = {name: k for k, name in enumerate(self.classes)}
         self._labels: list[int] = []
         for path in self.files if self.classes else ():
@@ -222,7 +226,7 @@ class ImageFolder:
     def describe(self) -> dict[str, Any]:
         described = {"dataset": str(self.root), "split": self.split, "resolution": self.resolution,
                      "num_items": len(self.files)}
-        return {**described, "classes": list(self.classes)} if self.classes else described
+        return {**described, "classes": list(self.classes), "order": "permuted"} if self.classes else described
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -265,8 +269,9 @@ class _GreyDigits:
         return self._labels[start:stop].clone()
 
     def describe(self) -> dict[str, Any]:
+        # `render` names how items become images: a store made by another rendering is another store.
         return {"dataset": self.name, "split": self.split, "resolution": self.resolution, "num_items": len(self),
-                "classes": list(self.classes)}
+                "classes": list(self.classes), "render": "pad-to-32-then-resize"}
 
 
 class MNIST(_GreyDigits):

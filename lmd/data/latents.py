@@ -165,7 +165,10 @@ def probe_set(root: Path, num_probe: int, train: torch.Tensor | None = None,
     if classes != store_classes(read_manifest(root / "val")):
         raise StoreError(f"{root / 'val' / 'manifest.json'}: classes differ from {root / 'train'}'s")
     num = min(num_probe, manifest["count"])
-    train = train if train is not None else read_store(root / "train", validate=False)
+    if num < 10:
+        log.warning("%s: only %d labelled training items: no linear probe (it needs >= 10)", root / "train", num)
+        return None
+    train = train if train is not None else read_store(root / "train", validate=False, limit=num)
     val = val if val is not None else read_store(root / "val", validate=False)
     return ProbeSet(train=train[:num], train_labels=read_labels(root / "train")[:num], val=val,
                     val_labels=read_labels(root / "val"), num_classes=len(classes))

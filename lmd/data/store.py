@@ -258,24 +258,30 @@ def validate_store(store_dir: str | Path, *, projector: dict | None = None, late
     return manifest
 
 
-def read_store(store_dir: str | Path, *, validate: bool = True, **expect: Any) -> torch.Tensor:
-    """All latents [N, C, h, w] float32 in item-index order, read with pyarrow only.
+def read_store(store_dir: str | Path, *, validate: bool = True, limit: int | None = None,
+               **expect: Any) -> torch.Tensor:
+    """All latents [N, C, h, w] (or the first `limit`) float32 in item-index order, read with pyarrow only.
 
     `expect` takes validate_store's keywords (projector, latent_shape, dtype, verify_checksums).
+    With `limit` only the shards holding those items are read (a probe on a streamed store).
     """
     root = Path(store_dir)
     manifest = validate_store(root, **expect) if validate else read_manifest(root)
     shape, dtype = manifest["latent_shape"], manifest["dtype"]
-    out = np.empty((manifest["count"], *shape), dtype=np.float32)
+    count = manifest["count"] if limit is None else min(limit, manifest["count"])
+    out = np.empty((count, *shape), dtype=np.float32)
     start = 0
     for shard in manifest["shards"]:
+        if start >= count:
+            break
         file = root / shard["file"]
         try:
             column = pq.ParquetFile(file).read(columns=["latent"])["latent"]
         except (OSError, pa.ArrowException) as err:
             raise StoreError(f"{file}: Parquet unreadable ({type(err).__name__}: {err})") from None
-        out[start:start + len(column)] = decode_latents(column, shape, dtype)
-        start += len(column)
+        take = min(len(column), count - start)
+        out[start:start + take] = decode_latents(column.slice(0, take), shape, dtype)
+        start += take
     return torch.from_numpy(out)
 
 

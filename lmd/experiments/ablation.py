@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmd.checkpoint import write_json_atomic
 from lmd.config import DATASET_PROJECTORS, DEFAULT_PROJECTOR, LATENT_FACTOR, ConfigError, TrainConfig, build_config
 from lmd.experiments.references import compute_references, write_references
 from lmd.experiments.results import REFERENCES_FILE, read_references, tidy_table, write_table
@@ -66,6 +67,7 @@ VARIANTS: dict[str, Variant] = {
 }
 BASELINE = "pixel_mae"
 BUDGET_UNITS = {"flops": "TFLOP", "time": "device seconds", "steps": "steps"}
+BUDGET_FILE = "budget.json"  # what each variant was given; a resumed experiment reuses its steps
 # What a resumed experiment must share with the one it continues (the rest only places or names it).
 EXPERIMENT_ARGS = ("variants", "seeds", "budget_by", "budget", "evals", "preset", "dataset", "projector", "resolution",
                    "batch_size", "num_train", "num_val", "num_probe", "target_metric", "workers_per_trial")
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=1.6,
                    help="per trial: TFLOP (--budget-by flops), device seconds (time) or steps (steps)")
     p.add_argument("--evals", type=int, default=4, help="evaluations spread evenly over each trial")
-    p.add_argument("--target-metric", choices=TARGET_METRICS, default="val_psnr",
+    p.add_argument("--target-metric", choices=TARGET_METRICS, default="val_psnr",  # comparable across spaces
                    help="the metric time-to-target is measured on (target: the baseline's mean final value)")
     p.add_argument("--preset", default="mini_p1")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -180,6 +182,13 @@ def check_args(args: argparse.Namespace) -> None:
     check_trial_placement(args)
 
 
+def _saved_steps(experiment: Path) -> dict[str, int] | None:
+    path = experiment / BUDGET_FILE
+    if not path.is_file():
+        return None
+    return {name: int(v["steps"]) for name, v in json.loads(path.read_text())["variants"].items()}
+
+
 def check_resume(args: argparse.Namespace, experiment: Path) -> None:
     """A resumed experiment must be the same experiment: refuse changed grid-defining arguments by name."""
     saved_path = experiment / "args.json"
@@ -201,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     from lmd.data.images import ImageSourceError
     from lmd.data.latents import probe_set, resolve_store
     from lmd.data.store import StoreError
+    from lmd.engine import RunDirError
     from lmd.projector import ProjectorError
 
     storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
@@ -221,26 +231,30 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--target-metric val_probe_acc: the {args.dataset!r} store {root} is unlabelled "
                                   "or --num-probe is 0; use a labelled dataset (fashion-mnist, mnist, class "
                                   "subfolders) or --target-metric val_psnr")
-        steps = budget_steps(args)
+        # A resumed experiment keeps the steps it started with (a time budget's measured rates vary).
+        saved_steps = _saved_steps(experiment) if args.resume else None
+        steps = saved_steps or budget_steps(args)
         trials = trial_configs(args, steps)
-    except (ConfigError, StoreError, ProjectorError, ImageSourceError) as err:
-        _fail(str(err))
+        references_path = experiment / REFERENCES_FILE
+        references = read_references(references_path) if args.resume else []
+        if not references:
+            references = compute_references({t["variant"]: TrainConfig.from_dict(t["cfg"]) for t in trials
+                                             if t["seed"] == 0}, seeds=range(args.seeds))
+    except (ConfigError, StoreError, ProjectorError, ImageSourceError, RunDirError, ValueError) as err:
+        _fail(str(err).splitlines()[0])
     budget = budget_record(args, trials)
     print(format_budget(budget), flush=True)
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / "args.json").write_text(json.dumps(vars(args), indent=2))
-    references_path = experiment / REFERENCES_FILE
-    references = read_references(references_path) if args.resume else []
-    if not references:
-        references = compute_references({n: TrainConfig.from_dict(t["cfg"]) for t in trials if t["seed"] == 0
-                                         for n in [t["variant"]]}, seeds=range(args.seeds))
-        write_references(references, references_path)
-
     if args.address:
         from lmd.cli import _check_reachable
 
         _check_reachable(args.address)
     ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # Only now, with everything that can fail on bad input behind us, does the experiment folder appear:
+    # a failed start leaves nothing that would block a rerun.
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / "args.json").write_text(json.dumps(vars(args), indent=2))
+    write_json_atomic(experiment / BUDGET_FILE, budget)
+    write_references(references, references_path)
     try:
         trainable = tune.with_resources(run_trial, trial_resources)
         if args.resume:
@@ -309,8 +323,6 @@ def format_budget(budget: dict[str, Any]) -> str:
 
 
 def write_summary(summary: Any, budget: dict[str, Any], references: list[dict[str, Any]], path: Path) -> None:
-    from lmd.checkpoint import write_json_atomic
-
     write_json_atomic(path, {**summary.attrs, "budget": budget, "variants": summary.to_dict("records"),
                              "references": references, "verdicts": verdicts(summary) if not summary.empty else []})
 

@@ -27,7 +27,9 @@ from lmd.experiments.results import final_rows, interval, reference_columns
 
 AXES = {"tflops": "train_flops", "samples": "samples_seen", "seconds": "wall_seconds"}
 HIGHER_IS_BETTER = {"val_psnr": True, "val_probe_acc": True, "val_masked_mse_fixed": False}
-TARGET_METRICS = tuple(HIGHER_IS_BETTER)
+# Targets must mean the same in every variant's space: masked MSE is in each variant's own space (latent
+# vs pixel values, different patch sizes), so it is not one.
+TARGET_METRICS = ("val_psnr", "val_probe_acc")
 
 
 def crossing(trial: pd.DataFrame, metric: str, target: float, axis: str) -> float:
@@ -42,6 +44,27 @@ def crossing(trial: pd.DataFrame, metric: str, target: float, axis: str) -> floa
     if k == 0 or m[k] == m[k - 1]:
         return float(x[k])
     return float(x[k - 1] + (x[k] - x[k - 1]) * (target - m[k - 1]) / (m[k] - m[k - 1]))
+
+
+def first_evaluation_reached(trial: pd.DataFrame, metric: str, target: float) -> bool:
+    """True when the trial's first evaluation already meets the target: its crossing is only an upper bound."""
+    evals = trial.dropna(subset=[metric]).sort_values("step")
+    if evals.empty:
+        return False
+    first = float(evals[metric].iloc[0])
+    return first >= target if HIGHER_IS_BETTER[metric] else first <= target
+
+
+def bound_of(variant: dict[str, int], base: dict[str, int]) -> str:
+    """Which way censoring biases a speedup (base time / variant time): "", "lower", "upper" or "both".
+
+    A crossing at a first evaluation overstates that trial's time; a seed that never reached the target
+    is left out, which drops the slowest times. So the reported speedup is a lower bound when the variant
+    crossed at a first evaluation or baseline seeds never reached, an upper bound in the mirror cases.
+    """
+    lower = variant["first"] > 0 or base["missed"] > 0
+    upper = variant["missed"] > 0 or base["first"] > 0
+    return "both" if lower and upper else "lower" if lower else "upper" if upper else ""
 
 
 def log_interval(values: pd.Series) -> tuple[float, float, float]:
@@ -86,16 +109,19 @@ def _beats(mean: float, half: float, ref: float, ref_half: float, higher: bool =
 def summarize(table: pd.DataFrame, baseline: str = "pixel_mae", target_metric: str = "val_psnr",
               references: list[dict[str, Any]] | None = None) -> pd.DataFrame:
     """One row per variant; `attrs` hold the target, its metric and the baseline."""
-    if target_metric not in HIGHER_IS_BETTER:
+    if target_metric not in TARGET_METRICS:
         raise ValueError(f"target metric {target_metric!r}: choose one of {', '.join(TARGET_METRICS)}")
     final = final_rows(table)
     has_target = target_metric in final and baseline in set(final["variant"])
     target = float(final.loc[final["variant"] == baseline, target_metric].mean()) if has_target else float("nan")
-    rows, times = [], {}
+    rows, times, censored = [], {}, {}
     for variant, group in final.groupby("variant"):
         trials = [table[table["trial_id"] == t] for t in group["trial_id"]]
         times[variant] = {name: pd.Series([crossing(t, target_metric, target, col) for t in trials], dtype=float)
                           for name, col in AXES.items() if col in table}
+        reached_any = next(iter(times[variant].values()), pd.Series(dtype=float))
+        censored[variant] = {"first": sum(first_evaluation_reached(t, target_metric, target) for t in trials),
+                             "missed": int(reached_any.isna().sum())}
         row: dict[str, Any] = {"variant": variant, "seeds": len(group), "steps": float(group["step"].mean()),
                                "samples": float(group["samples_seen"].mean()),
                                "device_hours": float(group["device_seconds"].sum()) / 3600}
@@ -120,6 +146,10 @@ def summarize(table: pd.DataFrame, baseline: str = "pixel_mae", target_metric: s
         values = [(1.0, 1.0, 1.0) if v == baseline else speedup(times[baseline][name], times[v][name])
                   for v in summary["variant"]]
         summary[cols] = pd.DataFrame(values, columns=cols)
+    if baseline in censored:
+        summary["speedup_bound"] = ["" if v == baseline else bound_of(censored[v], censored[baseline])
+                                    for v in summary["variant"]]
+        summary["first_eval_crossings"] = [censored[v]["first"] for v in summary["variant"]]
     refs = reference_columns(references or [])
     if not refs.empty:
         summary = summary.merge(refs, on="variant", how="left")
@@ -197,7 +227,14 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
             where = ("below 1x (slower than the baseline)" if hi < 1 else "above 3x" if lo > 3 else
                      "at least 1x but below 3x" if lo >= 1 and hi < 3 else
                      "spans 1x (not separable from the baseline)" if lo < 1 <= hi else "spans 3x")
-            out.append(f"{r['variant']}: FLOPs speedup {r['speedup_tflops']:.2f}x [{lo:.2f}, {hi:.2f}]: {where}")
+            bound = r.get("speedup_bound", "")
+            note = {"lower": "; a lower bound (a first-evaluation crossing, or baseline seeds that never reached "
+                             "the target)",
+                    "upper": "; an upper bound (seeds of this variant that never reached the target, or a "
+                             "baseline first-evaluation crossing)",
+                    "both": "; censored both ways (first-evaluation crossings and seeds that never reached the "
+                            "target): read with care"}.get(bound, "")
+            out.append(f"{r['variant']}: FLOPs speedup {r['speedup_tflops']:.2f}x [{lo:.2f}, {hi:.2f}]: {where}{note}")
         elif r["variant"] != summary.attrs.get("baseline"):
             base = summary.attrs.get("baseline")
             base_reached = next((b["reached_target"] for b in summary.to_dict("records") if b["variant"] == base), "-")
