@@ -145,6 +145,24 @@ def test_image_folder_class_subfolders_are_labels(tmp_path):
         ImageFolder(tmp_path, "val", 16)
 
 
+def test_held_out_images_that_changed_since_the_store_was_made_are_refused_by_name(tmp_path):
+    from PIL import Image
+
+    from lmd.data.latents import val_images
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (i * 60, 0, 0)).save(tmp_path / "images" / split / f"{i}.png")
+    root = tmp_path / "store"
+    build_store(root, str(tmp_path / "images"), IdentityProjector(), 16, num_train=None, num_val=None,
+                progress=False)
+    assert val_images(root, 4).shape == (4, 3, 16, 16)
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "val" / "0a.png")  # sorts second: shifts the images
+    with pytest.raises(StoreError, match=r"val/manifest.json: source: the held-out images are no longer.*files_sha256"):
+        val_images(root, 4)
+
+
 def test_missing_fashion_mnist_says_how_to_install_it(tmp_path):
     env = {**os.environ, "LMD_FASHION_MNIST": str(tmp_path / "absent")}
     proc = subprocess.run([sys.executable, "-m", "lmd.cli", "precompute", "--dataset", "fashion-mnist", "--projector",

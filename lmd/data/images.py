@@ -224,8 +224,10 @@ class ImageFolder:
         return torch.tensor(self._labels[start:stop], dtype=torch.int64) if self.classes else None
 
     def describe(self) -> dict[str, Any]:
+        # The file list's digest: a file added, removed or renamed later makes this another source.
+        listing = "\n".join(str(p.relative_to(self.root)) for p in self.files)
         described = {"dataset": str(self.root), "split": self.split, "resolution": self.resolution,
-                     "num_items": len(self.files)}
+                     "num_items": len(self.files), "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
         return {**described, "classes": list(self.classes), "order": "permuted"} if self.classes else described
 
 

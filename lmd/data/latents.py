@@ -8,6 +8,7 @@ and model geometry *before* training, then streamed by Ray Data or loaded into m
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -180,7 +181,15 @@ def val_images(root: Path, num: int) -> torch.Tensor | None:
     try:
         images = image_source(source["dataset"], "val", source["resolution"], source.get("num_items"),
                               source.get("seed", 0))
-        return images.images(0, num)
     except (KeyError, ValueError, OSError) as err:  # e.g. a user store whose image folder moved
         log.warning("no held-out images for PSNR (%s); reporting latent metrics only", err)
         return None
+    # The images must be the ones the store was made from (a file added to the folder, another Fashion-MNIST,
+    # another rendering): every field the manifest recorded must still hold, else PSNR compares unlike images.
+    now = json.loads(json.dumps(images.describe()))  # as it would read back from a manifest
+    changed = [f"{key}: store has {value!r}, the source now gives {now.get(key)!r}" for key, value in source.items()
+               if now.get(key) != value]
+    if changed:
+        raise StoreError(f"{root / 'val' / 'manifest.json'}: source: the held-out images are no longer those the "
+                         f"store was made from ({'; '.join(changed)}); rebuild the store")
+    return images.images(0, num)

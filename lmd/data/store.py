@@ -109,14 +109,14 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _differences(have: dict[str, Any], want: dict[str, Any], both: bool = False, prefix: str = "") -> list[str]:
+def differences(have: dict[str, Any], want: dict[str, Any], both: bool = False, prefix: str = "") -> list[str]:
     """'field: store has X, run expects Y' for each key of `want` (and of `have`, if `both`) that differs."""
     keys = list(want) + ([k for k in have if k not in want] if both else [])
     out = []
     for key in keys:
         actual, expected = have.get(key, _ABSENT), want.get(key, _ABSENT)
         if isinstance(actual, dict) and isinstance(expected, dict):
-            out += _differences(actual, expected, both, f"{prefix}{key}.")
+            out += differences(actual, expected, both, f"{prefix}{key}.")
         elif actual != expected:
             out.append(f"{prefix}{key}: store has {actual!r}, run expects {expected!r}")
     return out
@@ -234,7 +234,7 @@ def validate_store(store_dir: str | Path, *, projector: dict | None = None, late
     root = Path(store_dir)
     manifest = read_manifest(root)
     path = root / MANIFEST_FILE
-    problems = _differences({"projector": manifest["projector"]}, {"projector": _plain(projector)}) if projector else []
+    problems = differences({"projector": manifest["projector"]}, {"projector": _plain(projector)}) if projector else []
     if latent_shape is not None and manifest["latent_shape"] != [int(d) for d in latent_shape]:
         problems.append(f"latent_shape: store has {manifest['latent_shape']}, run expects {list(latent_shape)}")
     if dtype is not None and manifest["dtype"] != dtype:
@@ -444,7 +444,7 @@ def _labels_of(load_labels: Callable[[int, int], torch.Tensor], start: int, stop
 
 
 def _refuse_other_identity(path: Path, made: Any, wanted: dict[str, Any]) -> None:
-    problems = _differences(made if isinstance(made, dict) else {}, wanted, both=True)
+    problems = differences(made if isinstance(made, dict) else {}, wanted, both=True)
     if problems:
         raise StoreError(f"{path}: this store was made for another run: " + "; ".join(problems)
                          + f"; choose another out_dir or delete {path.parent}")

@@ -147,7 +147,7 @@ def summarize(table: pd.DataFrame, baseline: str = "pixel_mae", target_metric: s
                   for v in summary["variant"]]
         summary[cols] = pd.DataFrame(values, columns=cols)
     if baseline in censored:
-        summary["speedup_bound"] = ["" if v == baseline else bound_of(censored[v], censored[baseline])
+        summary["censoring"] = ["" if v == baseline else bound_of(censored[v], censored[baseline])
                                     for v in summary["variant"]]
         summary["first_eval_crossings"] = [censored[v]["first"] for v in summary["variant"]]
     refs = reference_columns(references or [])
@@ -227,7 +227,7 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
             where = ("below 1x (slower than the baseline)" if hi < 1 else "above 3x" if lo > 3 else
                      "at least 1x but below 3x" if lo >= 1 and hi < 3 else
                      "spans 1x (not separable from the baseline)" if lo < 1 <= hi else "spans 3x")
-            bound = r.get("speedup_bound", "")
+            bound = r.get("censoring", "")
             note = {"lower": "; a lower bound (a first-evaluation crossing, or baseline seeds that never reached "
                              "the target)",
                     "upper": "; an upper bound (seeds of this variant that never reached the target, or a "
