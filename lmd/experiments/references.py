@@ -32,7 +32,7 @@ import torch
 
 from lmd.config import LATENT_FACTOR, TrainConfig
 from lmd.evaluation import PSNR_SEED, projector_ceiling_psnr
-from lmd.experiments.results import REFERENCES_FILE, interval, read_references  # noqa: F401 - re-exported
+from lmd.experiments.results import interval
 from lmd.masking import num_visible, random_masking
 from lmd.model import build_model, patchify, unpatchify
 from lmd.probe import linear_probe, raw_probe
