@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from lmd.config import build_config  # noqa: E402
-from lmd.distributed import ClusterConfig, fit_distributed  # noqa: E402
+from lmd.config import ClusterConfig, build_config  # noqa: E402
+from lmd.distributed import fit_distributed  # noqa: E402
 from lmd.engine import Engine  # noqa: E402
 
 

@@ -225,9 +225,10 @@ def _check_reachable(address: str) -> None:
 def _train_distributed(cfg: Any, args: argparse.Namespace) -> int:
     import ray
 
+    from lmd.config import ClusterConfig
     from lmd.data.images import ImageSourceError
     from lmd.data.store import StoreError
-    from lmd.distributed import ClusterConfig, fit_distributed
+    from lmd.distributed import fit_distributed
     from lmd.projector import ProjectorError
 
     cluster = ClusterConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,

@@ -213,6 +213,32 @@ class TrainConfig:
         return build_config(overrides=_flatten(raw), preset=None)
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How to place the run on Ray (validated here, at the edge, like TrainConfig)."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    storage: str = "runs/ray"  # local path or URI (s3://bucket/prefix) shared by all nodes
+    name: str = ""
+    max_failures: int = 2
+    spread: bool = False  # place workers on different nodes
+    keep_best: bool = False  # keep checkpoints by lowest val_masked_mse_fixed instead of the newest
+
+    def validate(self, cfg: TrainConfig) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers={self.workers}: must be >= 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError(f"--gpus-per-worker={self.gpus_per_worker} / cpus per worker {self.cpus_per_worker}: "
+                              "must be >= 0 and > 0")
+        if cfg.data.batch_size % self.workers:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be divisible by --workers={self.workers} "
+                              "(each worker trains an equal slice of the global batch)")
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures={self.max_failures}: must be >= 0")
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "mask": MaskConfig, "optim": OptimConfig,
                              "data": DataConfig, "run": RunConfig}
 

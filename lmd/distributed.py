@@ -18,46 +18,18 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmd.checkpoint import adopt_checkpoint, read_manifest
-from lmd.config import TrainConfig
+from lmd.config import ClusterConfig, TrainConfig
 from lmd.data.memory import InMemoryLatents
 from lmd.engine import CHECKPOINT_DIR, Engine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """How to place the run on Ray (validated here, at the edge, like TrainConfig)."""
-
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    storage: str = "runs/ray"  # local path or URI (s3://bucket/prefix) shared by all nodes
-    name: str = ""
-    max_failures: int = 2
-    spread: bool = False  # place workers on different nodes
-    keep_best: bool = False  # keep checkpoints by lowest val_masked_mse_fixed instead of the newest
-
-    def validate(self, cfg: TrainConfig) -> None:
-        from lmd.config import ConfigError
-
-        if self.workers < 1:
-            raise ConfigError(f"--workers={self.workers}: must be >= 1")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError(f"--gpus-per-worker={self.gpus_per_worker} / cpus per worker {self.cpus_per_worker}: "
-                              "must be >= 0 and > 0")
-        if cfg.data.batch_size % self.workers:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be divisible by --workers={self.workers} "
-                              "(each worker trains an equal slice of the global batch)")
-        if self.max_failures < 0:
-            raise ConfigError(f"--max-failures={self.max_failures}: must be >= 0")
 
 
 def _materialize(shard: Any) -> tuple[torch.Tensor, torch.Tensor]:

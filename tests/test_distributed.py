@@ -17,7 +17,8 @@ import ray
 import torch
 
 from lmd.checkpoint import latest_checkpoint, load_checkpoint
-from lmd.distributed import ClusterConfig, fit_distributed
+from lmd.config import ClusterConfig
+from lmd.distributed import fit_distributed
 from lmd.engine import Engine
 
 from .conftest import tiny_config

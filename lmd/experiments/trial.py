@@ -142,7 +142,8 @@ def _run_distributed_trial(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lmd.distributed import ClusterConfig, fit_distributed
+    from lmd.config import ClusterConfig
+    from lmd.distributed import fit_distributed
 
     cfg = TrainConfig.from_dict(config["cfg"])
     cfg = replace(cfg, data=replace(cfg.data, loader="memory"))  # workers read the small store themselves
