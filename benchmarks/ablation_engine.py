@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 
 from lmd.config import TrainConfig
-from lmd.engine import Engine
 from lmd.experiments.ablation import BASELINE, budget_record, budget_steps, format_budget, parse_args, trial_configs
 from lmd.experiments.references import compute_references
 from lmd.experiments.results import write_table
 from lmd.experiments.summary import format_summary, summarize
+from lmd.runtime import local_engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, data=replace(cfg.data, loader="memory"), run=replace(cfg.run, device=device, keep_last=1))
         tags = {"trial_id": f"{t['variant']}_s{t['seed']}", "variant": t["variant"], "seed": t["seed"]}
         with tempfile.TemporaryDirectory() as scratch:
-            Engine(cfg, scratch, reporter=lambda row, _ckpt, tags=tags: rows.append({**row, **tags})).fit()
+            local_engine(cfg, scratch, reporter=lambda row, _ckpt, tags=tags: rows.append({**row, **tags})).fit()
         last = rows[-1]
         rate = last["samples_seen"] / last["wall_seconds"]
         psnr, probe = last.get("val_psnr", float("nan")), last.get("val_probe_acc", float("nan"))

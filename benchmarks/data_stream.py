@@ -28,15 +28,15 @@ from lmd.data.latents import build_store
 from lmd.data.memory import InMemoryLatents
 from lmd.data.store import read_store
 from lmd.data.stream import RayLatentStream, ray_dataset
-from lmd.engine import Engine
 from lmd.projector import load_projector
+from lmd.runtime import local_engine
 
 
 def engine_rate(batch_size: int, steps: int = 15) -> float:
     cfg = build_config(overrides={"model.preset": "small", "data.dataset": "synthetic", "data.batch_size": batch_size,
                                   "data.num_train": batch_size, "data.num_val": 1, "run.device": "cpu"})
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(cfg, tmp)
+        engine = local_engine(cfg, tmp)
         latents, noise = engine.data.batch(0), engine.mask_noise(batch_size, 0)
         for _ in range(3):
             engine.train_step(latents, 0.75, noise)

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from lmd.config import ClusterConfig, build_config  # noqa: E402
 from lmd.distributed import fit_distributed  # noqa: E402
-from lmd.engine import Engine  # noqa: E402
+from lmd.runtime import local_engine  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         torch.set_num_threads(1)
-        engine = Engine(cfg, Path(tmp) / "engine")
+        engine = local_engine(cfg, Path(tmp) / "engine")
         engine.fit()
         last = json.loads((Path(tmp) / "engine" / "metrics.jsonl").read_text().splitlines()[-1])
         rows["engine, 1 thread"] = (last["samples_seen"] / last["wall_seconds"], 0.0)

@@ -19,8 +19,8 @@ import time
 import torch
 
 from lmd.config import build_config
-from lmd.engine import Engine
 from lmd.model import PRESETS, param_count, train_flops_per_sample
+from lmd.runtime import local_engine
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU.
 GPU_PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
@@ -40,7 +40,7 @@ def measure(preset: str, batch: int, steps: int, warmup: int, ratio: float, comp
                                   "data.num_val": 1, "run.device": device, "run.compile": compile_,
                                   "run.steps": warmup + steps})
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(cfg, tmp)
+        engine = local_engine(cfg, tmp)
         latents = engine.data.batch(0).to(engine.device)
         noise = engine.mask_noise(batch, 0)
 

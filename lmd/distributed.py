@@ -26,8 +26,10 @@ import torch
 
 from lmd.checkpoint import adopt_checkpoint, read_manifest
 from lmd.config import ClusterConfig, TrainConfig
+from lmd.data.latents import RunData, prepare_data, synthetic_data
 from lmd.data.memory import InMemoryLatents
 from lmd.engine import CHECKPOINT_DIR, Engine
+from lmd.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +84,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from lmd.data.latents import synthetic_data
-
     cfg = TrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = setup_runtime(cfg, device=ray.train.torch.get_device())
     d = cfg.data
-    from_store = d.dataset != "synthetic" and d.loader == "memory"
-    if d.dataset == "synthetic":
-        train, val = synthetic_data(cfg)
-    elif not from_store:
-        train, _ = _materialize(ray.train.get_dataset_shard("train"))
-        val, _ = _materialize(ray.train.get_dataset_shard("val"))
+    if d.dataset != "synthetic" and d.loader == "memory":
+        data = prepare_data(cfg, progress=False)  # the worker reads the store itself (with projector and probe)
+    else:
+        if d.dataset == "synthetic":
+            train, val = synthetic_data(cfg)
+        else:
+            train, _ = _materialize(ray.train.get_dataset_shard("train"))
+            val, _ = _materialize(ray.train.get_dataset_shard("val"))
+        data = RunData(InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val, projector=None, store=None)
 
     # Engine checkpoints are written to worker-local scratch, then handed to Ray, which copies
     # them into the run's storage; on a restart the latest one comes back the same way.
@@ -106,16 +110,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config.get("replay_history"):
             history = read_manifest(adopted).get("history", [])
     local_cfg = replace(cfg, run=replace(cfg.run, keep_last=1))  # storage keeps the history, not scratch
-    device = ray.train.torch.get_device()
-    if from_store:  # the worker reads the store itself (and has the projector, so val_psnr is reported too)
-        engine = Engine(local_cfg, scratch, device=device, rank=rank, world_size=world)
-    else:
-        engine = Engine(local_cfg, scratch, train_data=InMemoryLatents(train, d.batch_size, seed=cfg.run.seed),
-                        val_latents=val, device=device, rank=rank, world_size=world)
-    engine.forward = ray.train.torch.prepare_model(engine.model)  # DDP when world > 1
-    engine.reporter = _reporter({**_placement(world), **config.get("tags", {})})
+    report = _reporter({**_placement(world), **config.get("tags", {})})
+    engine = Engine(local_cfg, scratch, data, device, wrap_model=ray.train.torch.prepare_model,  # DDP when world > 1
+                    reporter=report, rank=rank, world_size=world)
     for row in history:  # every rank reports (a collective), without a checkpoint: rows up to the resume step
-        engine.reporter(row, None)
+        report(row, None)
     try:
         engine.fit(resume=checkpoint is not None)
     finally:

@@ -1,9 +1,11 @@
 """The LMD training loop in plain PyTorch: steps, evaluation, metrics, checkpoints and resume.
 
-No Ray here: the Ray Train layer wraps `Engine` and reuses its step, evaluation and state
-methods. Determinism is by construction: the batch at step t, the mask noise at step t and the
-evaluation masks are pure functions of (seed, t), so a run's data position is its step count and
-stop + resume reproduces an uninterrupted run bit for bit on CPU.
+No Ray here, in what runs as well as in the imports: the engine is handed its parts (data, device,
+model wrapper, reporter) by its entry point (`lmd.runtime` for one process; `lmd.distributed` makes
+them from a Ray Train worker's shard, with DDP as the wrapper). Determinism is by construction: the
+batch at step t, the mask noise at step t and the evaluation masks are pure functions of (seed, t),
+so a run's data position is its step count and stop + resume reproduces an uninterrupted run bit for
+bit on CPU.
 
 The step never synchronises host and device: losses stay on the device and are read back only
 every `run.log_every` steps, where the non-finite check happens (and always before a checkpoint
@@ -18,9 +20,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -34,13 +37,17 @@ from lmd.checkpoint import (
     sweep_stale,
     write_json_atomic,
 )
-from lmd.config import OptimConfig, TrainConfig, config_diff
-from lmd.data.latents import prepare_data
+from lmd.config import ModelConfig, OptimConfig, TrainConfig, config_diff
+from lmd.device import autocast_dtype
 from lmd.evaluation import reconstruction_psnr
 from lmd.flops import step_flops, train_flops_until
 from lmd.masking import mask_ratio
 from lmd.model import MaskedLatentTransformer, build_model
-from lmd.probe import ProbeSet, linear_probe
+from lmd.optim import build_optimizer, set_lr, warmup_cosine
+from lmd.probe import linear_probe
+
+if TYPE_CHECKING:
+    from lmd.data.latents import RunData
 
 log = logging.getLogger(__name__)
 
@@ -90,32 +97,37 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
                           "continue it, or choose a new --run-dir")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunDirError("run.device='cuda': no CUDA device is visible to this process")
-    return torch.device(name)
-
-
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Linear warm-up over `warmup_steps`, then half-cosine decay from `lr` to `min_lr`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min((step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps), 1.0)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(step, total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW without weight decay on norms, biases and the learned tokens (as MAE)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("_token") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel per step on GPU; the multi-tensor path on CPU.
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+def initial_model(cfg: ModelConfig, seed: int) -> MaskedLatentTransformer:
+    """The model's initial weights: a function of (config, seed) alone, whatever the process's RNG state.
+
+    The random-encoder probe reference and `lmd probe` rebuild a run's initial encoder with this.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(cfg)
+
+
+def compile_model(module: torch.nn.Module, cfg: ModelConfig) -> Callable[..., Any]:
+    """torch.compile, allowing one static-shape graph per visible-token count a schedule visits."""
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, max(8, cfg.num_patches + 1))
+    return torch.compile(module)
+
+
+def throughput(before: tuple[int, float, float], now: tuple[int, float, float], batch_size: int) -> dict[str, float]:
+    """Samples/s and achieved TFLOP/s over one log interval; (step, training seconds, training FLOPs) at each end.
+
+    Training seconds exclude evaluation; the FLOPs are the model's matmuls (`lmd.flops`), so
+    TFLOP/s over the device's peak is the model-FLOPs utilisation (MFU).
+    """
+    seconds = max(now[1] - before[1], 1e-9)
+    return {"samples_per_s": round((now[0] - before[0]) * batch_size / seconds, 2),
+            "tflops_per_s": round((now[2] - before[2]) / seconds / 1e12, 6)}
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -145,40 +157,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Engine:
-    """Owns the model, optimizer, data and run directory of one training run."""
+    """Owns the model, optimizer and run directory of one training run; is handed everything else.
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, train_data: BatchSource | None = None,
-                 val_latents: torch.Tensor | None = None, device: torch.device | None = None,
-                 rank: int = 0, world_size: int = 1, reporter: Reporter | None = None,
-                 probe: ProbeSet | None = None):
+    Parts, made by the entry point (`lmd.runtime` for one process, `lmd.distributed` for a Ray Train
+    worker): `data` (the batch source, held-out latents and, for stores, projector, images and probe
+    set), the `device`, `wrap_model` (DDP under Ray Train; identity otherwise) and `reporter` (called
+    with every log row). Process-wide settings (threads, TF32, seeds) are the entry point's job too
+    (`lmd.runtime.setup_runtime`): constructing an engine changes no global state.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, data: RunData, device: torch.device, *,
+                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 reporter: Reporter | None = None, rank: int = 0, world_size: int = 1):
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
-        # Data parallelism (the Ray Train layer sets these): every rank draws the same global batch and
-        # mask noise for a step and trains on its slice, so N ranks compute the single-process update.
+        # Data parallelism: every rank draws the same global batch and mask noise for a step and trains
+        # on its slice, so N ranks compute the single-process update.
         self.rank, self.world_size, self.reporter = rank, world_size, reporter
-        self.device = device or resolve_device(cfg.run.device)
-        use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and self.device.type == "cuda")
-        self.amp_dtype = torch.bfloat16 if use_bf16 else None
-        if self.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts (optimizer-side matmuls, eval)
-        self.projector, self.val_images, self.probe = None, None, probe
-        if train_data is None:
-            data = prepare_data(cfg)
-            train_data, val_latents, self.projector = data.train, data.val, data.projector
-            self.val_images, self.probe = data.val_images, data.probe
-        self.data = train_data
-        self.val_latents = val_latents
+        self.device = device
+        self.amp_dtype = autocast_dtype(cfg.run.precision, device)
+        self.data = data.train
+        self.val_latents = data.val
+        self.projector, self.val_images, self.probe = data.projector, data.val_images, data.probe
 
-        torch.manual_seed(cfg.run.seed)  # weight init is a function of the seed
-        self.model: MaskedLatentTransformer = build_model(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.forward = self.model
-        if cfg.run.compile:
-            # Each distinct visible-token count is its own static-shape graph; allow all of them.
-            limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            setattr(torch._dynamo.config, limit_name, max(8, cfg.model.num_patches + 1))
-            self.forward = torch.compile(self.model)
-        self.noise_gen = torch.Generator(device=self.device)
+        self.model: MaskedLatentTransformer = initial_model(cfg.model, cfg.run.seed).to(device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        # What a training step calls: the model, wrapped for data parallelism, then compiled (compiling the
+        # wrapper lets DDP's bucketed all-reduce overlap with the compiled backward).
+        forward = wrap_model(self.model) if wrap_model is not None else self.model
+        self.forward = compile_model(forward, cfg.model) if cfg.run.compile else forward
+        self.noise_gen = torch.Generator(device=device)
         self.step = 0
         self.wall_offset = 0.0
         self._stop_requested = False
@@ -275,7 +283,8 @@ class Engine:
                                       f"{', '.join(changed)}")
             self.load_state_dict(state)
             self.history = [row for row in manifest.get("history", []) if row["step"] <= self.step]
-            log.info("resumed from %s (step %d)", latest, self.step)
+            if self.rank == 0:
+                log.info("resumed from %s (step %d)", latest, self.step)
         elif resume:
             log.info("--resume: no checkpoint in %s, starting from step 0", self.checkpoint_root)
         self._truncate_metrics(self.step)
@@ -307,13 +316,13 @@ class Engine:
         # Training FLOPs so far (model matmuls, global batch): a pure function of (config, step), the
         # deterministic axis that equal-compute comparisons use.
         flops = train_flops_until(self.cfg, self.step)
+        since = (self.step, self.wall_offset, flops)  # throughput is measured over each log interval
 
         with self.metrics_path.open("a") as metrics, contextlib.closing(self):
             while self.step < end:
                 ratio = mask_ratio(self.step, total, self.cfg.mask)
                 lr = lr_at(self.step, total, self.cfg.optim)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(self.optimizer, lr)
                 latents = self.data.batch(self.step).to(self.device, non_blocking=True)
                 noise = self.mask_noise(latents.shape[0], self.step)
                 if self.world_size > 1:
@@ -342,7 +351,9 @@ class Engine:
                         "step": self.step, "samples_seen": self.step * self.cfg.data.batch_size,
                         "wall_seconds": round(self.wall_offset, 4), "train_flops": flops,
                         "loss": sum(losses) / len(losses),
-                        "loss_last": last_loss, "mask_ratio": ratio, "lr": lr}
+                        "loss_last": last_loss, "mask_ratio": ratio, "lr": lr,
+                        **throughput(since, (self.step, self.wall_offset, flops), self.cfg.data.batch_size)}
+                    since = (self.step, self.wall_offset, flops)
                     if do_eval:
                         eval_started = time.perf_counter()
                         row["val_masked_mse"] = self.evaluate(ratio)
@@ -360,13 +371,16 @@ class Engine:
                     metrics.write(json.dumps(row) + "\n")
                     self.history.append(row)
                     metrics.flush()
-                    log.info("step %d/%d loss %.5f ratio %.3f lr %.2e%s", self.step, total, row["loss"], ratio,
-                             lr, f" val {row['val_masked_mse_fixed']:.5f}" if do_eval else "")
+                    if self.rank == 0:  # one line per row, not one per worker
+                        log.info("step %d/%d loss %.5f ratio %.3f lr %.2e %.0f samples/s %.3g TFLOP/s%s",
+                                 self.step, total, row["loss"], ratio, lr, row["samples_per_s"],
+                                 row["tflops_per_s"], f" val {row['val_masked_mse_fixed']:.5f}" if do_eval else "")
                     saved = self.save() if do_ckpt and self.rank == 0 else None
                     last_ckpt = saved or last_ckpt
                     if self.reporter is not None:
                         self.reporter(row, saved)
                 if self._stop_requested:
-                    log.info("stop requested: checkpointed at step %d", self.step)
+                    if self.rank == 0:
+                        log.info("stop requested: checkpointed at step %d", self.step)
                     break
         return FitResult(self.step, last_loss, last_ckpt, self.metrics_path)

@@ -19,8 +19,10 @@ from functools import lru_cache
 import torch
 
 from lmd.config import ModelConfig, TrainConfig
+from lmd.device import resolve_device
 from lmd.masking import mask_ratio, num_visible
-from lmd.model import train_flops_per_sample
+from lmd.model import build_model, train_flops_per_sample
+from lmd.optim import build_optimizer
 
 
 @lru_cache(maxsize=4096)
@@ -91,9 +93,6 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3) -> float:
     driver, at the schedule's two extreme ratios (averaged), after one warm-up step each.
     """
     import time
-
-    from lmd.engine import build_optimizer, resolve_device
-    from lmd.model import build_model
 
     device = resolve_device(cfg.run.device)
     model = build_model(cfg.model).to(device)

@@ -1,18 +1,50 @@
 """Assembling a training process at its entry point: process-wide settings, then the engine's parts.
 
-The engine takes everything it uses as arguments (data, device, model wrapper, reporter); this is
-where a single-process entry point (`lmd train`, a one-worker Tune trial, a benchmark) makes them.
-The Ray Train worker (`lmd.distributed`) makes the same parts from its dataset shard instead.
+The engine takes everything it uses as arguments (data, device, model wrapper, reporter) and
+changes no global state; this module is where an entry point sets the process up
+(`setup_runtime`) and where a single-process run (`lmd train`, a one-worker Tune trial, a
+benchmark) makes the engine's parts (`local_engine`). The Ray Train worker (`lmd.distributed`)
+calls `setup_runtime` too and makes the parts from its dataset shard instead.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from lmd.config import TrainConfig
+from lmd.data.latents import prepare_data
+from lmd.device import resolve_device
 from lmd.engine import Engine, Reporter
 
 
-def local_engine(cfg: TrainConfig, run_dir: str | Path, reporter: Reporter | None = None) -> Engine:
-    """The engine of a single-process run: data from the run's store (or synthetic), on the run's device."""
-    return Engine(cfg, run_dir, reporter=reporter)
+def setup_runtime(cfg: TrainConfig, device: torch.device | None = None, threads: int | None = None) -> torch.device:
+    """The process-wide settings of a training process, in one place. Returns the device to train on.
+
+    Seeds Python, NumPy and torch from `run.seed` (the engine's own randomness is explicit
+    generators; this covers anything else); enables TF32 for the fp32 matmuls on CUDA (the bf16
+    autocast covers the model; TF32 covers evaluation and optimizer-side matmuls); and sets torch's
+    CPU threads when the caller knows its share of the machine (a Tune trial's CPUs).
+    """
+    device = device or resolve_device(cfg.run.device)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed % 2**32)
+    torch.manual_seed(cfg.run.seed)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    return device
+
+
+def local_engine(cfg: TrainConfig, run_dir: str | Path, reporter: Reporter | None = None,
+                 threads: int | None = None) -> Engine:
+    """The engine of a single-process run: data from the run's store (or synthetic), on the run's device.
+
+    A streamed store (`data.loader=ray`) starts or joins Ray here, at the entry point, not in the engine.
+    """
+    device = setup_runtime(cfg, threads=threads)
+    return Engine(cfg, run_dir, prepare_data(cfg), device, reporter=reporter)

@@ -19,7 +19,7 @@ import torch
 from lmd.checkpoint import latest_checkpoint, load_checkpoint
 from lmd.config import ClusterConfig
 from lmd.distributed import fit_distributed
-from lmd.engine import Engine
+from lmd.runtime import local_engine
 
 from .conftest import tiny_config
 
@@ -42,7 +42,7 @@ def _final_model(result) -> dict[str, torch.Tensor]:
 
 
 def _engine_model(cfg, run_dir) -> dict[str, torch.Tensor]:
-    engine = Engine(cfg, run_dir)
+    engine = local_engine(cfg, run_dir)
     engine.fit()
     return engine.model.state_dict()
 
@@ -58,7 +58,7 @@ def test_one_worker_is_bit_identical_to_the_single_process_engine(local_ray, tmp
 def test_two_workers_compute_the_single_process_update_up_to_rounding(local_ray, tmp_path):
     cfg = tiny_config(**{"run.steps": 20})
     result = fit_distributed(cfg, ClusterConfig(workers=2, storage=str(tmp_path / "ray"), name="eq2"))
-    engine = Engine(cfg, tmp_path / "local")
+    engine = local_engine(cfg, tmp_path / "local")
     engine.fit()
     # Same global batch and masks, sliced per worker; the DDP mean of two equal slices is the full-batch
     # mean, but summed in another order: ~1e-7 relative gradient differences, which Adam's per-parameter

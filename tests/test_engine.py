@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,14 +15,16 @@ from lmd.checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, 
 from lmd.config import OptimConfig
 from lmd.data.latents import prepare_data
 from lmd.engine import Engine, NonFiniteLossError, RunDirError, lr_at
+from lmd.runtime import local_engine
 
 from .conftest import tiny_config
 
 
 def _metrics(run_dir) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("wall_seconds")
+    for row in rows:  # the clock and what is measured with it differ between runs; nothing else may
+        for key in ("wall_seconds", "samples_per_s", "tflops_per_s"):
+            row.pop(key)
     return rows
 
 
@@ -30,12 +34,12 @@ def _params(engine: Engine) -> dict[str, torch.Tensor]:
 
 def test_stop_and_resume_is_bit_identical_to_a_straight_run(tmp_path):
     cfg = tiny_config(**{"run.steps": 20, "run.ckpt_every": 10})
-    straight = Engine(cfg, tmp_path / "a")
+    straight = local_engine(cfg, tmp_path / "a")
     straight.fit()
 
-    first = Engine(cfg, tmp_path / "b")
+    first = local_engine(cfg, tmp_path / "b")
     assert first.fit(stop_at=10).step == 10
-    resumed = Engine(cfg, tmp_path / "b")  # a fresh process would build a fresh engine
+    resumed = local_engine(cfg, tmp_path / "b")  # a fresh process would build a fresh engine
     resumed.fit(resume=True)
 
     a, b = _params(straight), _params(resumed)
@@ -47,7 +51,7 @@ def test_stop_and_resume_is_bit_identical_to_a_straight_run(tmp_path):
 
 
 def test_metrics_rows_carry_the_documented_fields(tmp_path):
-    Engine(tiny_config(), tmp_path).fit()
+    local_engine(tiny_config(), tmp_path).fit()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(2, 21, 2))
     for key in ("samples_seen", "wall_seconds", "loss", "mask_ratio", "lr"):
@@ -62,31 +66,31 @@ def test_metrics_rows_carry_the_documented_fields(tmp_path):
 def test_default_run_learns(tmp_path):
     cfg = tiny_config(**{"run.steps": 150, "run.eval_every": 150, "data.batch_size": 32, "data.num_train": 512,
                          "data.num_val": 64})
-    Engine(cfg, tmp_path).fit()
+    local_engine(cfg, tmp_path).fit()
     rows = _metrics(tmp_path)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
 
 
 def test_keeps_only_the_last_k_checkpoints(tmp_path):
-    Engine(tiny_config(**{"run.ckpt_every": 4, "run.keep_last": 2}), tmp_path).fit()
+    local_engine(tiny_config(**{"run.ckpt_every": 4, "run.keep_last": 2}), tmp_path).fit()
     assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == ["step_00000016", "step_00000020"]
 
 
 def test_existing_run_dir_is_refused_without_resume(tmp_path):
-    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    local_engine(tiny_config(), tmp_path).fit(stop_at=10)
     with pytest.raises(RunDirError, match="already holds a run.*--resume"):
-        Engine(tiny_config(), tmp_path).fit()
+        local_engine(tiny_config(), tmp_path).fit()
 
 
 def test_resume_with_a_changed_config_names_the_fields(tmp_path):
-    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    local_engine(tiny_config(), tmp_path).fit(stop_at=10)
     changed = tiny_config(**{"mask.end": 0.6, "run.log_every": 5})  # log_every may change; mask.end may not
     with pytest.raises(CheckpointError, match=r"changed fields: mask\.end$"):
-        Engine(changed, tmp_path).fit(resume=True)
+        local_engine(changed, tmp_path).fit(resume=True)
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
-    engine = Engine(tiny_config(), tmp_path)
+    engine = local_engine(tiny_config(), tmp_path)
     engine.fit(stop_at=10)
 
     def write_half_then_die(state, path):
@@ -104,12 +108,12 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
 
 
 def test_a_write_killed_before_rename_is_ignored_and_swept(tmp_path):
-    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    local_engine(tiny_config(), tmp_path).fit(stop_at=10)
     stale = tmp_path / "checkpoints" / ".tmp-step_00000020-deadbeef"
     stale.mkdir()
     (stale / "state.pt").write_bytes(b"\x00" * 100)  # what SIGKILL during torch.save leaves behind
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000010"
-    resumed = Engine(tiny_config(), tmp_path)
+    resumed = local_engine(tiny_config(), tmp_path)
     assert resumed.fit(resume=True).step == 20
     assert not stale.exists()
 
@@ -121,11 +125,11 @@ def test_a_write_killed_before_rename_is_ignored_and_swept(tmp_path):
     (lambda d: (d / "manifest.json").write_text("{not json"), "manifest is not valid JSON"),
 ])
 def test_damaged_checkpoint_is_refused_with_a_clear_message(tmp_path, damage, message):
-    Engine(tiny_config(), tmp_path).fit(stop_at=10)
+    local_engine(tiny_config(), tmp_path).fit(stop_at=10)
     latest = latest_checkpoint(tmp_path / "checkpoints")
     damage(latest)
     with pytest.raises(CheckpointError, match=message) as err:
-        Engine(tiny_config(), tmp_path).fit(resume=True)
+        local_engine(tiny_config(), tmp_path).fit(resume=True)
     assert str(latest) in str(err.value)
 
 
@@ -153,7 +157,7 @@ class _PoisonedData:
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny_config()
     data = prepare_data(cfg)
-    engine = Engine(cfg, tmp_path, train_data=_PoisonedData(data.train, bad_step=13), val_latents=data.val)
+    engine = Engine(cfg, tmp_path, replace(data, train=_PoisonedData(data.train, bad_step=13)), torch.device("cpu"))
     with pytest.raises(NonFiniteLossError, match=r"loss became nan before step 14.*step_00000010"):
         engine.fit()
     assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == ["step_00000010"]
@@ -162,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_request_stop_checkpoints_at_the_current_step(tmp_path):
-    engine = Engine(tiny_config(**{"run.ckpt_every": 100, "run.steps": 50}), tmp_path)
+    engine = local_engine(tiny_config(**{"run.ckpt_every": 100, "run.steps": 50}), tmp_path)
     original = engine.train_step
 
     def stop_after_seven(*args):
@@ -182,3 +186,68 @@ def test_lr_warms_up_then_decays_to_min():
     assert lr_at(100, 100, cfg) == pytest.approx(1e-5)
     values = [lr_at(s, 100, cfg) for s in range(10, 101)]
     assert all(b <= a for a, b in zip(values, values[1:], strict=False))
+
+
+def test_building_an_engine_changes_no_process_state(tmp_path):
+    cfg = tiny_config()
+    data = prepare_data(cfg)
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    precision = torch.get_float32_matmul_precision()
+    engine = Engine(cfg, tmp_path, data, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert (torch.get_num_threads(), torch.get_float32_matmul_precision()) == (threads, precision)
+    # The initial weights are a function of (config, seed) alone, whatever the process's RNG did before.
+    torch.manual_seed(12345)
+    again = Engine(cfg, tmp_path / "again", data, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(engine.model.state_dict().values(),
+                                                 again.model.state_dict().values(), strict=True))
+
+
+def test_the_model_wrapper_is_what_a_step_calls(tmp_path):
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append(1)
+            return self.inner(*args)
+
+    cfg = tiny_config(**{"run.steps": 4})
+    engine = Engine(cfg, tmp_path, prepare_data(cfg), torch.device("cpu"), wrap_model=Recording)
+    engine.fit()
+    assert len(calls) == 4  # one per training step; evaluation uses the bare model
+
+
+def test_every_row_carries_throughput_and_only_rank_zero_logs(tmp_path, caplog):
+    cfg = tiny_config(**{"run.steps": 6})
+    local_engine(cfg, tmp_path / "r0").fit()
+    rows = [json.loads(line) for line in (tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["samples_per_s"] > 0 and r["tflops_per_s"] > 0 for r in rows)
+    # A second rank (no process group here: it trains its half-batch) writes its rows but logs nothing.
+    caplog.set_level("INFO", logger="lmd.engine")
+    caplog.clear()
+    Engine(cfg, tmp_path / "r1", prepare_data(cfg), torch.device("cpu"), rank=1, world_size=2).fit()
+    assert not [r for r in caplog.records if r.name == "lmd.engine"]
+    assert (tmp_path / "r1" / "metrics.jsonl").read_text().count("\n") == len(rows)
+
+
+def test_compile_wraps_the_wrapped_model_and_trains_like_eager(tmp_path, monkeypatch):
+    # Dynamo + AOTAutograd trace forward and backward as inductor would, without minutes of C++ codegen.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    cfg = tiny_config(**{"run.steps": 3, "run.log_every": 1, "mask.scheduler": "constant"})
+    eager = local_engine(cfg, tmp_path / "eager")
+    eager.fit()
+    compiled_cfg = tiny_config(**{"run.steps": 3, "run.log_every": 1, "mask.scheduler": "constant",
+                                  "run.compile": True})
+    wrapped = []
+    compiled = Engine(compiled_cfg, tmp_path / "compiled", prepare_data(compiled_cfg), torch.device("cpu"),
+                      wrap_model=lambda m: wrapped.append(m) or m)
+    # What a step calls is the compiled form of what the wrapper returned (DDP under Ray Train).
+    assert wrapped == [compiled.model] and getattr(compiled.forward, "_orig_mod", None) is compiled.model
+    compiled.fit()
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("eager", "compiled")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -298,7 +298,7 @@ def ray_session():
 
 
 def test_ray_dataset_reads_exactly_the_manifest_shards_in_item_order(ray_session, store):
-    from lmd.data.store import ray_dataset
+    from lmd.data.stream import ray_dataset
 
     pq.write_table(pa.table({"x": [1]}), store / "stray.parquet")  # not in the manifest: must not be read
     (store / "extra").mkdir()
@@ -312,7 +312,7 @@ def test_ray_dataset_reads_exactly_the_manifest_shards_in_item_order(ray_session
 def test_ray_stream_batches_are_a_pure_function_of_seed_and_step(ray_session, pristine, monkeypatch):
     from ray.data import DataContext
 
-    from lmd.data.store import RayLatentStream
+    from lmd.data.stream import RayLatentStream
 
     stream = RayLatentStream(pristine, batch_size=12, seed=5)
     assert stream.steps_per_epoch == 3  # 40 // 12: 4 items of ragged tail dropped each epoch
@@ -349,8 +349,8 @@ def test_ray_stream_batches_are_a_pure_function_of_seed_and_step(ray_session, pr
 
 
 def test_ray_stream_seed_changes_the_order_and_shuffle_false_keeps_item_order(ray_session, pristine):
-    from lmd.data.store import RayLatentStream
-    from lmd.data.stream import epoch_order
+    from lmd.data.memory import epoch_order
+    from lmd.data.stream import RayLatentStream
 
     other = RayLatentStream(pristine, 12, seed=6)
     index = other.batch_with_index(0)[1]
@@ -363,7 +363,7 @@ def test_ray_stream_seed_changes_the_order_and_shuffle_false_keeps_item_order(ra
 
 
 def test_ray_stream_and_dataset_require_ray_to_be_initialised(ray_session, pristine, monkeypatch):
-    from lmd.data.store import RayLatentStream, ray_dataset
+    from lmd.data.stream import RayLatentStream, ray_dataset
 
     monkeypatch.setattr(ray_session, "is_initialized", lambda: False)
     for make in (lambda: RayLatentStream(pristine, 12, seed=5), lambda: ray_dataset(pristine)):

@@ -138,12 +138,10 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
     val = read_store(root / "val", validate=False)  # resolve_store validated it
     loader = resolve_loader(d.loader, manifest, d.memory_limit_mb)
     if loader == "ray":
-        import ray
-
         from lmd.data.stream import RayLatentStream
+        from lmd.entry import init_ray
 
-        if not ray.is_initialized():  # local Ray, or the cluster named by RAY_ADDRESS
-            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        init_ray(log_to_driver=False)  # local Ray, or the cluster named by RAY_ADDRESS (no-op under Train/Tune)
         train = RayLatentStream(root / "train", d.batch_size, seed=cfg.run.seed)
     else:
         train = InMemoryLatents(read_store(root / "train", validate=False), d.batch_size, seed=cfg.run.seed)

@@ -33,6 +33,14 @@ def synthetic_latents(num: int, channels: int, size: int, seed: int, waves: int 
     return (fields / fields.std().clamp_min(1e-6)).contiguous()
 
 
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """Item indices of epoch `epoch` in training order: the one permutation every batch source draws."""
+    if not shuffle:
+        return torch.arange(count)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=g)
+
+
 class InMemoryLatents:
     """A tensor of latents [N, C, H, W] served as fixed-size, epoch-shuffled batches."""
 
@@ -56,8 +64,7 @@ class InMemoryLatents:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:  # cache: consecutive steps share an epoch
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.latents.shape[0], generator=g)
+            self._perm = epoch_order(self.latents.shape[0], self.seed, epoch)
             self._perm_epoch = epoch
         return self._perm
 

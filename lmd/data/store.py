@@ -22,8 +22,7 @@ each shard goes to a hidden temp file, is fsynced and renamed into place (an exi
 always complete), and a hidden ``.plan.json`` with the store's identity is written first, so an
 interrupted `precompute_store` resumes, skipping finished shards, and ends with the same bytes as an
 uninterrupted run. `validate_store` only ever reads. `read_store` loads a store with pyarrow alone;
-`ray_dataset` and `RayLatentStream` live in `lmd.data.stream` and are re-exported here lazily, so
-importing this module never imports Ray.
+the Ray Data reader (`ray_dataset`, `RayLatentStream`) is `lmd.data.stream`: this module never imports Ray.
 """
 
 from __future__ import annotations
@@ -449,11 +448,3 @@ def _refuse_other_identity(path: Path, made: Any, wanted: dict[str, Any]) -> Non
         raise StoreError(f"{path}: this store was made for another run: " + "; ".join(problems)
                          + f"; choose another out_dir or delete {path.parent}")
 
-
-def __getattr__(name: str) -> Any:
-    # The Ray half lives in lmd.data.stream; import it (and Ray) only when asked for.
-    if name in ("ray_dataset", "RayLatentStream"):
-        from lmd.data import stream
-
-        return getattr(stream, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

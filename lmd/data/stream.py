@@ -4,7 +4,7 @@
 "index": int64}``. `RayLatentStream` is the engine's batch source on top of it.
 
 How the order is made exact: the order of epoch e is the same permutation `InMemoryLatents` draws
-(`torch.randperm` seeded with ``seed * 1_000_003 + e``), so the two sources give identical batches.
+(`lmd.data.memory.epoch_order`), so the two sources give identical batches.
 Each row gets its position in that permutation as a sort key, and ``Dataset.sort`` on that key (with
 fixed range boundaries, so no sampling) puts the rows in that order. A sort is a semantic guarantee,
 unlike ``random_shuffle(seed=...)``, whose output depends on how Ray happened to cut the data into
@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from lmd.data.memory import epoch_order
 from lmd.data.store import decode_latents, validate_store
 
 if TYPE_CHECKING:
@@ -82,14 +83,6 @@ def ray_dataset(store_dir: str | Path, *, verify_checksums: bool = False) -> ray
     ds = _read_shards(Path(store_dir), manifest)
     return ds.map_batches(_decode, batch_format="pyarrow", zero_copy_batch=True,
                           fn_kwargs={"latent_shape": manifest["latent_shape"], "dtype": manifest["dtype"]})
-
-
-def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    """Item indices of one epoch in order; the same permutation as `InMemoryLatents` draws."""
-    if not shuffle:
-        return torch.arange(count)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(count, generator=g)
 
 
 class RayLatentStream:

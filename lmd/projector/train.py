@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lmd.data.images import HELDOUT, BundledPhotos, ImageSource, image_source
+from lmd.optim import adamw, set_lr, warmup_cosine
 from lmd.projector.loaders import TAESDProjector
 from lmd.projector.quality import heldout_psnr
 
@@ -68,15 +69,9 @@ class ProjectorTrainConfig:
 
 
 def _lr(step: int, cfg: ProjectorTrainConfig, elapsed_s: float = 0.0) -> float:
-    """Warm-up then cosine decay; under a time limit the decay follows whichever of steps or time
-    runs out first, so a budgeted run still ends at min_lr instead of being cut at a high LR."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.max_minutes:
-        progress = max(progress, elapsed_s / (60 * cfg.max_minutes))
-    progress = min(progress, 1.0)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Warm-up then cosine decay, ending early under `max_minutes` (whichever of steps or time runs out first)."""
+    floor = elapsed_s / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, progress_floor=floor)
 
 
 @torch.no_grad()
@@ -144,9 +139,7 @@ def train_projector(cfg: ProjectorTrainConfig, out: Path, device: torch.device) 
     proj = proj.to(device)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     proj = proj.to(memory_format=torch.channels_last)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused,
-                            foreach=not fused)
+    opt = adamw(proj.parameters(), device, lr=cfg.lr, betas=(0.9, 0.99))
     amp = device.type == "cuda"
     on_photos = cfg.dataset == "bundled"
     if on_photos:
@@ -164,8 +157,7 @@ def train_projector(cfg: ProjectorTrainConfig, out: Path, device: torch.device) 
             images = batches.images(step, device)
         images = images.contiguous(memory_format=torch.channels_last)
         lr = _lr(step, cfg, time.perf_counter() - start)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             recon = proj.decode_raw(proj.encode_raw(images))
         loss = F.mse_loss(recon.float(), images)
