@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from lmd.dashboard import ResultsError, render_dashboard
+from lmd.entry import EXIT_RUNTIME, EXIT_USAGE, fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = render_dashboard(args.results, args.out)
     except ResultsError as err:
-        print(f"dashboard: error: {err}", file=sys.stderr)
-        return 2
+        fail(str(err), EXIT_USAGE, prog="dashboard")
+    except OSError as err:  # e.g. --out in a read-only or missing folder
+        fail(f"{err.filename or args.out}: cannot write the dashboard ({err.strerror or err})", EXIT_RUNTIME,
+             prog="dashboard")
     print(f"dashboard: {path}")
     return 0
 

@@ -13,8 +13,6 @@ the size and checksum are verified before unpickling anything, and failures name
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -25,33 +23,18 @@ from typing import Any
 
 import torch
 
+from lmd.io import TMP_PREFIX, fsync_dir, read_json_object, sha256_file, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 _PREFIX = "step_"
-_TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt or incompatible; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_state(state: dict[str, Any], path: Path) -> None:
@@ -59,16 +42,6 @@ def _write_state(state: dict[str, Any], path: Path) -> None:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON next to `path` and rename it over `path` (readers never see a partial file)."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    with tmp.open("w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -90,7 +63,7 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], meta: dict[str
     """Write `state` as checkpoint `step` atomically, then prune to the newest `keep_last`."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
         _write_state(state, tmp / STATE_FILE)
@@ -121,7 +94,7 @@ def sweep_stale(root: Path) -> None:
     """Remove temporary folders left by writes that were killed midway."""
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(_TMP_PREFIX):
+            if p.name.startswith(TMP_PREFIX):
                 log.warning("removing incomplete checkpoint write %s", p)
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -137,12 +110,7 @@ def adopt_checkpoint(source: Path, root: Path) -> Path:
 
 def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     path = ckpt_dir / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read manifest ({err.strerror or err})") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: manifest is not valid JSON ({err.msg})") from None
+    manifest = read_json_object(path, "manifest", CheckpointError)
     for key in ("format", "step", "sha256", "bytes"):
         if key not in manifest:
             raise CheckpointError(f"{path}: manifest lacks field {key!r}")

@@ -29,6 +29,7 @@ from lmd.config import ClusterConfig, TrainConfig
 from lmd.data.latents import RunData, prepare_data, synthetic_data
 from lmd.data.memory import InMemoryLatents
 from lmd.engine import CHECKPOINT_DIR, Engine
+from lmd.io import storage_uri
 from lmd.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
             from lmd.data.stream import ray_dataset
 
             datasets = {"train": ray_dataset(root / "train"), "val": ray_dataset(root / "val")}
-    storage = cluster.storage if "://" in cluster.storage else str(Path(cluster.storage).resolve())
+    storage = storage_uri(cluster.storage)
     checkpoint_config = ray.train.CheckpointConfig(
         num_to_keep=cfg.run.keep_last,
         checkpoint_score_attribute="val_masked_mse_fixed" if cluster.keep_best else None,

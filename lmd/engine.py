@@ -35,12 +35,12 @@ from lmd.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     sweep_stale,
-    write_json_atomic,
 )
 from lmd.config import ModelConfig, OptimConfig, TrainConfig, config_diff
 from lmd.device import autocast_dtype
 from lmd.evaluation import reconstruction_psnr
 from lmd.flops import step_flops, train_flops_until
+from lmd.io import write_json_atomic, write_text_atomic
 from lmd.masking import mask_ratio
 from lmd.model import MaskedLatentTransformer, build_model
 from lmd.optim import build_optimizer, set_lr, warmup_cosine
@@ -296,9 +296,7 @@ class Engine:
             return
         rows = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        tmp.replace(self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(r + "\n" for r in rows))
 
     def save(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "code_version": code_version(),

@@ -1,6 +1,6 @@
 """Image-space quality of a masked-latent model: decode (visible + predicted) patches, compare to images.
 
-What makes latent and pixel variants comparable (shared/DESIGN.md "Quality metrics"): the masked
+What makes latent and pixel variants comparable (docs/DESIGN.md, "Quality metrics"): the masked
 MSE lives in each variant's own space, but PSNR of the decoded reconstruction against the
 original held-out images is in one space for all. Latent variants decode through their projector;
 pixel variants (identity projector) paste their visible patches back as they are. The projector's

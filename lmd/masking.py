@@ -2,8 +2,8 @@
 
 Everything here is a pure function: the ratio depends only on (step, total_steps, MaskConfig), so
 a resumed run continues its schedule exactly, and the mask depends only on the noise it is given.
-Formulas follow shared/DESIGN.md; the official piecewise bug (absolute step in the third
-segment) is deliberately not reproduced.
+Formulas: docs/DESIGN.md, "Mask-ratio schedulers"; the official piecewise bug (absolute step in
+the third segment) is deliberately not reproduced.
 """
 
 from __future__ import annotations

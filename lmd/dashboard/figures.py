@@ -101,29 +101,30 @@ def _distinct(refs: pd.DataFrame, column: str) -> list[tuple[float, float, list[
     return sorted(groups.values())
 
 
+# (references column, metric panel, legend label, line dash): the no-model lines each panel shows.
+REFERENCE_LINES = [
+    ("fill_psnr", "val_psnr", "no-model fill {value:.2f} dB", "dash"),
+    ("ceiling_psnr", "val_psnr", "projector ceiling {value:.2f} dB", "dot"),
+    ("raw_probe_acc", "val_probe_acc", "raw-input probe {value:.3f}", "dash"),
+    ("random_probe_acc", "val_probe_acc", "random-encoder probe {value:.3f} ± {half:.3f}", "dot"),
+]
+
+
 def _references(fig: go.Figure, metrics: list[str], spans: dict[str, tuple[float, float]], top_psnr: float,
                 refs: pd.DataFrame, colors: dict[str, str]) -> None:
     """Fill and ceiling on the PSNR panel, raw-input and random-encoder probes on the probe panel."""
     def color(variants: list[str]) -> str:  # a variant's own colour when the line is only its own
         return colors.get(variants[0], GREY) if len(variants) == 1 else GREY
 
-    if "val_psnr" in spans:
-        col, span = metrics.index("val_psnr") + 1, spans["val_psnr"]
-        for value, _, variants in _distinct(refs, "fill_psnr"):
-            _line(fig, col, span, value, f"no-model fill {value:.2f} dB ({', '.join(variants)})", color(variants),
-                  "dash")
-        for value, _, variants in _distinct(refs, "ceiling_psnr"):
-            off = not value <= top_psnr + CEILING_HEADROOM_DB
-            name = f"projector ceiling {value:.2f} dB ({', '.join(variants)})" + (", off scale" if off else "")
-            _line(fig, col, span, value, name, color(variants), "dot", visible="legendonly" if off else True)
-    if "val_probe_acc" in spans:
-        col, span = metrics.index("val_probe_acc") + 1, spans["val_probe_acc"]
-        for value, _, variants in _distinct(refs, "raw_probe_acc"):
-            _line(fig, col, span, value, f"raw-input probe {value:.3f} ({', '.join(variants)})", color(variants),
-                  "dash")
-        for value, half, variants in _distinct(refs, "random_probe_acc"):
-            _line(fig, col, span, value, f"random-encoder probe {value:.3f} ± {half:.3f} ({', '.join(variants)})",
-                  color(variants), "dot", half=half)
+    for column, metric, label, dash in REFERENCE_LINES:
+        if metric not in spans:
+            continue
+        col, span = metrics.index(metric) + 1, spans[metric]
+        for value, half, variants in _distinct(refs, column):
+            name = label.format(value=value, half=half) + f" ({', '.join(variants)})"
+            off = column == "ceiling_psnr" and not value <= top_psnr + CEILING_HEADROOM_DB  # kept out of scale
+            _line(fig, col, span, value, name + (", off scale" if off else ""), color(variants), dash,
+                  visible="legendonly" if off else True, half=half if column == "random_probe_acc" else 0.0)
 
 
 def curves_figure(table: pd.DataFrame, x: str, per_trial: bool = False, references: list[dict[str, Any]] | None = None,

@@ -28,6 +28,7 @@ from plotly.offline import get_plotlyjs
 from lmd.dashboard import figures, search_figures
 from lmd.dashboard.load import Experiment, ResultsError, load_experiment
 from lmd.experiments.summary import TARGET_METRICS, summarize, verdicts
+from lmd.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,5 @@ def render_dashboard(results: str | Path, out: str | Path | None = None) -> Path
     exp = load_experiment(results)
     path = Path(out) if out is not None else exp.root / DASHBOARD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_html(exp), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, render_html(exp))
     return path

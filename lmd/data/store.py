@@ -30,9 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from lmd import code_version
-from lmd.checkpoint import fsync_dir, sha256_file, write_json_atomic  # one implementation of each
+from lmd.io import TMP_PREFIX, atomic_path, fsync_dir, read_json_object, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ MANIFEST_FILE = "manifest.json"
 PLAN_FILE = ".plan.json"  # hidden: Ray Data's file listing skips it
 SCHEMA_KEY = b"lmd"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-_TMP_PREFIX = ".tmp-"  # same prefix as lmd.checkpoint.write_json_atomic, so one sweep removes both
 _MANIFEST_FIELDS = ("format", "projector", "source", "split", "latent_shape", "dtype", "count", "shard_size",
                     "shards")
 _SHARD_FIELDS = ("file", "rows", "bytes", "sha256")
@@ -89,20 +86,6 @@ def decode_latents(column: pa.Array | pa.ChunkedArray, latent_shape: Sequence[in
     return raw.reshape(n, *latent_shape).astype(np.float32)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        payload = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{path}: {what} missing") from None
-    except OSError as err:
-        raise StoreError(f"{path}: cannot read {what} ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreError(f"{path}: {what} is not valid JSON ({err})") from None
-    if not isinstance(payload, dict):
-        raise StoreError(f"{path}: {what} is not a JSON object")
-    return payload
-
-
 def _plain(value: Any) -> Any:
     """The value as it reads back from JSON (tuples become lists), so comparisons are like for like."""
     return json.loads(json.dumps(value))
@@ -126,7 +109,7 @@ def read_manifest(store_dir: str | Path) -> dict[str, Any]:
     path = Path(store_dir) / MANIFEST_FILE
     if not path.is_file() and (Path(store_dir) / PLAN_FILE).is_file():
         raise StoreError(f"{path}: manifest missing: precompute of this store was interrupted; rerun it to finish")
-    manifest = _read_json(path, "manifest")
+    manifest = read_json_object(path, "manifest", StoreError)
     for key in _MANIFEST_FIELDS:
         if key not in manifest:
             raise StoreError(f"{path}: manifest lacks field {key!r}")
@@ -309,17 +292,9 @@ def _write_shard(root: Path, k: int, first_index: int, latents: np.ndarray, dtyp
     if labels is not None:
         arrays.append(pa.array(np.asarray(labels, dtype=np.int64)))
     table = pa.table(arrays, schema=schema)
-    tmp = root / f"{_TMP_PREFIX}{shard_name(k)}.{uuid.uuid4().hex}"
-    try:
-        with tmp.open("wb") as f:
-            # Latents barely compress, and dictionaries/statistics of 1 KiB values only cost space.
-            pq.write_table(table, f, compression="none", use_dictionary=False, write_statistics=["index"])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / shard_name(k))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(root / shard_name(k)) as tmp:
+        # Latents barely compress, and dictionaries/statistics of 1 KiB values only cost space.
+        pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=["index"])
 
 
 def _encode_range(start: int, stop: int, load_images: Callable[[int, int], torch.Tensor],
@@ -382,15 +357,15 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
         log.info("store %s is complete (%d items); nothing to do", root, manifest["count"])
         return manifest
     if plan_path.exists():
-        _refuse_other_identity(plan_path, _read_json(plan_path, "plan").get("identity", {}), identity)
+        _refuse_other_identity(plan_path, read_json_object(plan_path, "plan", StoreError).get("identity", {}), identity)
         log.info("resuming the interrupted precompute of %s", root)
     else:
-        if root.exists() and any(not p.name.startswith(_TMP_PREFIX) for p in root.iterdir()):
+        if root.exists() and any(not p.name.startswith(TMP_PREFIX) for p in root.iterdir()):
             raise StoreError(f"{root}: not empty and holds no store ({MANIFEST_FILE} or {PLAN_FILE}); refusing to "
                              "write into it")
         root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(plan_path, {"format": FORMAT_VERSION, "identity": identity})
-    for stale in root.glob(f"{_TMP_PREFIX}*"):  # from a killed run; never a complete file
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # from a killed run; never a complete file
         log.warning("removing incomplete write %s", stale)
         stale.unlink(missing_ok=True)
 

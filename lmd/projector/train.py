@@ -19,10 +19,8 @@ held-out split, which the projector never sees.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lmd.data.images import HELDOUT, BundledPhotos, ImageSource, image_source
+from lmd.io import atomic_path, write_json_atomic
 from lmd.optim import adamw, set_lr, warmup_cosine
 from lmd.projector.loaders import TAESDProjector
 from lmd.projector.quality import heldout_psnr
@@ -200,10 +199,9 @@ def train_projector(cfg: ProjectorTrainConfig, out: Path, device: torch.device) 
     if cfg.init:
         card["initialised_from"] = prior
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    proj.cpu().save(tmp, card)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        proj.cpu().save(tmp, card)
     out.chmod(0o644)  # safetensors creates files owner-only; the weights ship in the package
-    out.with_suffix(".card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out.with_suffix(".card.json"), card)
     log.info("wrote %s: held-out PSNR %s", out, quality)
     return card
