@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import optuna
 import pandas as pd
@@ -17,7 +19,7 @@ import pytest
 
 from lmd.experiments.results import COLUMNS
 from lmd.experiments.summary import crossing, log_interval, speedup, summarize
-from tests.conftest import SMALL_RUN, run_tune_script
+from tests.conftest import SMALL_RUN, SMALL_SEARCH, run_tune_script
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = SMALL_RUN
@@ -25,6 +27,15 @@ SMALL = SMALL_RUN
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return run_tune_script(script, *args, timeout=timeout)
+
+
+def tune_script(name: str) -> ModuleType:
+    """tune/<name>.py as a module (its flags, table or space, typed experiment), without running it."""
+    spec = importlib.util.spec_from_file_location(f"tune_{name}", REPO / "tune" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an imported module is (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_ablation_writes_a_tidy_table_and_a_summary(ablation_run):
@@ -128,31 +139,78 @@ def test_crossing_follows_the_metric_direction():
 
 
 def test_every_variant_gets_the_same_flops_budget():
-    from lmd.config import TrainConfig
-    from lmd.experiments.ablation import VARIANTS, budget_steps, parse_args, trial_configs
+    from lmd.experiments.ablation import budget_steps, trial_specs
     from lmd.flops import run_flops
 
-    args = parse_args([])  # the default experiment
-    steps = budget_steps(args)
-    flops = {t["variant"]: run_flops(TrainConfig.from_dict(t["cfg"])) for t in trial_configs(args, steps)}
-    assert set(flops) == set(VARIANTS)
+    script = tune_script("ablation")
+    exp, spec = script.experiment(script.parse_args([]))  # the default experiment
+    steps = budget_steps(spec, exp.placement())
+    flops = {t.variant: run_flops(t.cfg) for t in trial_specs(spec, steps, exp.placement())}
+    assert set(flops) == set(script.VARIANTS)
     for variant, spent in flops.items():
-        assert spent == pytest.approx(args.budget * 1e12, rel=0.05), variant
+        assert spent == pytest.approx(spec.budget * 1e12, rel=0.05), variant
     # ...which means unequal steps: the latent variants' 16 tokens are ~4x cheaper than MAE's 64 at the same
     # ratio; a scheduler that starts at 0.15 (many visible tokens) makes LMD's early steps dearer.
     assert steps["no_scheduler"] > 3.5 * steps["pixel_mae"]
     assert 2 * steps["pixel_mae"] < steps["lmd_cosine"] < steps["no_scheduler"]
-    by_steps = budget_steps(parse_args(["--budget-by", "steps", "--budget", "50"]))
-    assert set(by_steps.values()) == {50}
+    exp, spec = script.experiment(script.parse_args(["--budget-by", "steps", "--budget", "50"]))
+    assert set(budget_steps(spec, exp.placement()).values()) == {50}
 
 
 def test_a_time_budget_buys_each_variant_steps_at_its_measured_rate():
-    from lmd.experiments.ablation import budget_steps, parse_args
+    from lmd.experiments.ablation import budget_steps
 
-    steps = budget_steps(parse_args(["--budget-by", "time", "--budget", "2", "--batch-size", "16",
-                                     "--variants", "no_scheduler", "pixel_mae"]))
+    script = tune_script("ablation")
+    exp, spec = script.experiment(script.parse_args(["--budget-by", "time", "--budget", "2", "--batch-size", "16",
+                                                     "--variants", "no_scheduler", "pixel_mae"]))
+    steps = budget_steps(spec, exp.placement())
     # The same seconds buy more of the cheaper 16-token steps than of MAE's 64-token ones.
     assert steps["no_scheduler"] > steps["pixel_mae"] >= 1
+
+
+def test_a_trial_spec_is_one_shape_read_back_as_written():
+    from lmd.experiments.trial import Placement, TrialSpec, TrialSpecError, trial_resources
+    from tests.conftest import tiny_config
+
+    spec = TrialSpec("lmd_cosine", tiny_config(**{"run.seed": 2}), Placement(workers=2, cpus=3.0, train_storage="/x"))
+    raw = json.loads(json.dumps(spec.to_dict()))  # what Tune keeps in its experiment state
+    assert TrialSpec.from_dict(raw) == spec and raw["seed"] == spec.seed == 2
+    assert trial_resources({"trial": raw}).bundles == [{"CPU": 0.01}]  # a multi-worker trial reserves its driver
+    one = TrialSpec("pixel_mae", tiny_config(), Placement(cpus=2.0, gpus=0.5)).to_dict()
+    assert trial_resources({"trial": one}).bundles == [{"CPU": 2.0, "GPU": 0.5}]
+    old = {"cfg": spec.cfg.to_dict(), "variant": "lmd_cosine", "seed": 0, "workers": 1}  # the layout before TrialSpec
+    with pytest.raises(TrialSpecError, match="not a TrialSpec"):
+        TrialSpec.from_dict(old)
+
+
+def test_the_search_space_samples_scalars_and_returns_their_trial_spec():
+    from lmd.experiments.trial import Placement, TrialBase, TrialSpec
+
+    script = tune_script("search")
+    base = TrialBase(preset="tiny", dataset="synthetic", projector="", resolution=128, batch_size=8, num_train=64,
+                     num_val=16, num_probe=0).overrides("cpu")
+    space = script.SearchSpace({**base, "run.steps": 20}, Placement(cpus=2.0), schedulers=("cosine", "constant"),
+                               end_range=(0.5, 0.9), depth_range=(1, 3), decoder_depth_range=(1, 2),
+                               lr_range=(1e-4, 1e-3))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    seen = set()
+    for _ in range(8):
+        trial = study.ask()
+        spec = TrialSpec.from_dict(space(trial)["trial"])
+        p, m = trial.params, spec.cfg.mask
+        seen.add(p["scheduler"])
+        assert spec.variant == m.scheduler == p["scheduler"] and spec.placement == Placement(cpus=2.0)
+        assert m.end == p["mask_end"] and spec.cfg.model.depth == p["depth"] and spec.cfg.optim.lr == p["lr"]
+        assert ("mask_start" in p) == (p["scheduler"] != "constant")  # conditional: constant has no start
+        assert m.start <= m.end and spec.cfg.run.steps == 20
+    assert seen == {"cosine", "constant"}
+
+
+def test_both_scripts_share_the_placement_and_data_flags():
+    ablation, search = (tune_script(name).parse_args([]) for name in ("ablation", "search"))
+    shared = ("preset", "dataset", "projector", "resolution", "batch_size", "num_train", "num_val", "num_probe",
+              "address", "gpus_per_trial", "cpus_per_trial", "workers_per_trial", "storage", "resume")
+    assert {k: vars(ablation)[k] for k in shared} == {k: vars(search)[k] for k in shared}
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -179,6 +237,29 @@ def test_a_failed_start_leaves_nothing_that_blocks_a_rerun(tmp_path):
 def test_search_bad_range_is_refused(tmp_path):
     proc = _run("search.py", "--end-range", "0.9", "0.5", "--storage", str(tmp_path))
     assert proc.returncode == 2 and "--end-range 0.9 0.5: empty or inverted range" in proc.stderr
+
+
+def test_search_checks_its_address_and_leaves_nothing_on_a_failed_start(tmp_path):
+    proc = _run("search.py", "--samples", "1", *SMALL_SEARCH, "--address", "127.0.0.1:9", "--storage", str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("search: error: --address=127.0.0.1:9: no Ray cluster")
+    assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.parametrize("script", ["ablation", "search"])
+def test_resuming_an_experiment_of_the_old_layout_is_one_line(tmp_path, script):
+    old = tmp_path / script
+    old.mkdir()
+    (old / "tuner.pkl").write_bytes(b"")  # Tune's state: restorable as far as Tune can tell
+    (old / "args.json").write_text(json.dumps({"name": script, "seeds": 2}))  # flags only, no layout
+    proc = _run(f"{script}.py", "--resume", "--storage", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"{script}: error: {old}: started by an older tune/{script}.py (its trials are not TrialSpecs), so it cannot "
+        "be resumed: choose another --name (analysis/dashboard.py still reads its results)"]
+    nothing = _run(f"{script}.py", "--resume", "--name", "absent", "--storage", str(tmp_path))
+    assert nothing.returncode == 2
+    assert nothing.stderr.strip().endswith(f"{tmp_path / 'absent'}: no experiment to resume")
 
 
 def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
@@ -242,9 +323,8 @@ def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tm
     """Driver-function pattern: each trial fits a 2-worker TorchTrainer whose rows reach Tune. The driver is
     killed after the Train run's first checkpoint; --resume refits the same run, which continues from it
     and replays the rows the new driver never saw. The result equals the single-process engine's."""
-    from lmd.config import TrainConfig
-    from lmd.engine import Engine
-    from lmd.experiments.ablation import budget_steps, parse_args, trial_configs
+    from lmd.experiments.ablation import budget_steps, trial_specs
+    from lmd.runtime import local_engine
 
     flags = ["--variants", "lmd_cosine", "--seeds", "1", "--budget-by", "steps", "--budget", "40", "--evals", "4",
              "--num-train", "128", "--num-val", "16", "--num-probe", "64", "--batch-size", "16",
@@ -266,10 +346,11 @@ def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tm
     table = pd.read_parquet(tmp_path / "ablation" / "results.parquet").set_index("step")
     assert table.index.tolist() == [10, 20, 30, 40] and (table["workers"] == 2).all()  # none lost, none twice
 
-    parsed = parse_args(flags)
-    cfg = TrainConfig.from_dict(trial_configs(parsed, budget_steps(parsed))[0]["cfg"])
+    script = tune_script("ablation")
+    exp, spec = script.experiment(script.parse_args(flags))
+    cfg = trial_specs(spec, budget_steps(spec, exp.placement()), exp.placement())[0].cfg
     rows = []
-    Engine(cfg, tmp_path / "single", reporter=lambda row, _ckpt: rows.append(row)).fit()
+    local_engine(cfg, tmp_path / "single", reporter=lambda row, _ckpt: rows.append(row)).fit()
     single = pd.DataFrame(rows).set_index("step")
     assert table["loss"].to_numpy() == pytest.approx(single["loss"].to_numpy(), rel=1e-4)
     assert table["val_psnr"].to_numpy() == pytest.approx(single["val_psnr"].to_numpy(), abs=0.05)
@@ -292,6 +373,9 @@ def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert reported_trials() >= 1, "no trial reported before the kill: the resume would be a fresh start"
+    changed = subprocess.run([*args, "--resume", "--samples", "4"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert changed.returncode == 2 and "--samples: was 3, now 4" in changed.stderr.strip().splitlines()[-1]
     resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -122,8 +121,3 @@ def compute_references(configs: dict[str, TrainConfig], seeds: Sequence[int]) ->
         log.info("references of %s done", variant)
     return records
 
-
-def write_references(records: list[dict[str, Any]], path: Path) -> None:
-    from lmd.checkpoint import write_json_atomic
-
-    write_json_atomic(path, {"references": records})

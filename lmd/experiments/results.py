@@ -14,6 +14,8 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
+RESULTS_FILE = "results.parquet"  # the experiment's tidy table (this module)
+ARGS_FILE = "args.json"  # the flags the experiment was started with (lmd.experiments.driver)
 REFERENCES_FILE = "references.json"  # the experiment's reference records (lmd.experiments.references)
 SCHEMA_VERSION = 3  # 2: + workers and the trial's config columns; 3: + train_flops, val_probe_acc, patch_size, tokens
 SCHEMA_KEY = b"lmd_results_schema"  # Parquet schema metadata: which version wrote the file

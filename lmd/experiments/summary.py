@@ -25,6 +25,7 @@ from scipy import stats
 
 from lmd.experiments.results import final_rows, interval, reference_columns
 
+BASELINE = "pixel_mae"  # the ablation's baseline variant (MAE as published): every target and speedup is against it
 AXES = {"tflops": "train_flops", "samples": "samples_seen", "seconds": "wall_seconds"}
 HIGHER_IS_BETTER = {"val_psnr": True, "val_probe_acc": True, "val_masked_mse_fixed": False}
 # Targets must mean the same in every variant's space: masked MSE is in each variant's own space (latent
@@ -106,7 +107,7 @@ def _beats(mean: float, half: float, ref: float, ref_half: float, higher: bool =
     return "yes" if (mean - half > ref + ref_half if higher else mean + half < ref - ref_half) else "no"
 
 
-def summarize(table: pd.DataFrame, baseline: str = "pixel_mae", target_metric: str = "val_psnr",
+def summarize(table: pd.DataFrame, baseline: str = BASELINE, target_metric: str = "val_psnr",
               references: list[dict[str, Any]] | None = None) -> pd.DataFrame:
     """One row per variant; `attrs` hold the target, its metric and the baseline."""
     if target_metric not in TARGET_METRICS:

@@ -1,4 +1,8 @@
-"""Tune trials over the same engine loop, in two shapes chosen by `workers` in the trial config.
+"""What one Tune trial is (`TrialSpec`) and how it runs: the same engine loop, in two shapes.
+
+Both experiments put `TrialSpec.to_dict()` under "trial" in each trial's Tune config (the
+ablation as a grid, the search from its Optuna space); `run_trial`, `trial_resources` and
+`trial_dirname` read it back, so a resumed trial keeps the config and resources it started with.
 
 - One worker: the engine runs in the trial's own process (a function trainable). A TorchTrainer
   per trial costs ~20 s of start-up on a small machine, a function trial well under a second.
@@ -14,110 +18,173 @@ streaming it with Ray Data: read tasks would otherwise wait behind trials that h
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lmd.checkpoint import adopt_checkpoint
-from lmd.config import ConfigError, TrainConfig
-from lmd.engine import CHECKPOINT_DIR, Engine
+from lmd.config import DATASET_PROJECTORS, DEFAULT_PROJECTOR, ConfigError, TrainConfig
 
 TRIAL_DRIVER_CPUS = 0.01  # a multi-worker trial only drives its TorchTrainer (Ray refuses 0)
+TRIAL_SPEC_VERSION = 1  # "version" in TrialSpec.to_dict(): a config of another shape is refused by name
 
 
-def _placement_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The placement keys of a trial config, wherever the experiment put them (ablation: under "trial";
-    search: under "placement"); older single-worker trial configs have none."""
-    config = config.get("trial", config)
-    return config.get("placement", config)
+class TrialSpecError(ValueError):
+    """A Tune trial config that is not a TrialSpec of this version (e.g. an experiment of an older layout)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one trial runs: the resources it asks Tune for and, with several workers, its Ray Train run."""
+
+    workers: int = 1  # > 1: a data-parallel TorchTrainer per trial, the resources split evenly over its workers
+    cpus: float = 1.0  # per trial
+    gpus: float = 0.0  # per trial; whole GPUs per worker when workers > 1
+    train_storage: str = ""  # multi-worker trials: where their Train runs live (<experiment>/train)
+    max_failures: int = 1  # multi-worker trials: restarts of the Train run from its latest checkpoint
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial: what it trains (variant, the TrainConfig, whose run.seed is the seed) and where (placement)."""
+
+    variant: str  # the ablation's variant name, the search's scheduler: the results table's `variant`
+    cfg: TrainConfig
+    placement: Placement = field(default_factory=Placement)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.run.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values for Tune's param space (and its experiment state)."""
+        return {"version": TRIAL_SPEC_VERSION, "variant": self.variant, "seed": self.seed, "cfg": self.cfg.to_dict(),
+                "placement": asdict(self.placement)}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TrialSpec:
+        if not isinstance(raw, dict) or raw.get("version") != TRIAL_SPEC_VERSION:
+            raise TrialSpecError(f"a trial config that is not a TrialSpec of version {TRIAL_SPEC_VERSION} (an "
+                                 "experiment of an older layout?)")
+        return cls(variant=str(raw["variant"]), cfg=TrainConfig.from_dict(raw["cfg"]),
+                   placement=Placement(**raw["placement"]))
+
+
+@dataclass(frozen=True)
+class TrialBase:
+    """What every trial of an experiment shares (the flags of the same name): the model preset and the data.
+
+    The ablation's variants and the search's sampled values change the rest of the TrainConfig.
+    """
+
+    preset: str
+    dataset: str
+    projector: str  # latent trials' projector; "" = the dataset's shipped one
+    resolution: int
+    batch_size: int
+    num_train: int
+    num_val: int
+    num_probe: int
+
+    @property
+    def latent_projector(self) -> str:
+        return self.projector or DATASET_PROJECTORS.get(self.dataset, DEFAULT_PROJECTOR)
+
+    def validate(self) -> TrialBase:
+        from lmd.model import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset={self.preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+        return self
+
+    def overrides(self, device: str) -> dict[str, Any]:
+        """Dotted TrainConfig overrides (`build_config`) of a latent trial on `device`."""
+        return {"model.preset": self.preset, "data.dataset": self.dataset, "data.projector": self.latent_projector,
+                "data.resolution": self.resolution, "data.batch_size": self.batch_size,
+                "data.num_train": self.num_train, "data.num_val": self.num_val, "data.num_probe": self.num_probe,
+                "run.device": device}
+
+
+def check_placement(placement: Placement, batch_size: int) -> None:
+    """Shared by the ablation and the search: per-trial resources and worker count, named by their flags."""
+    workers, cpus, gpus = placement.workers, placement.cpus, placement.gpus
+    if workers < 1:
+        raise ConfigError(f"--workers-per-trial={workers}: must be >= 1")
+    if cpus <= 0 or gpus < 0:
+        raise ConfigError(f"--cpus-per-trial={cpus} / --gpus-per-trial={gpus}: must be > 0 and >= 0")
+    gpus_per_worker = gpus / workers
+    if workers > 1 and gpus_per_worker and (gpus_per_worker < 1 or not gpus_per_worker.is_integer()):
+        raise ConfigError(f"--gpus-per-trial={gpus} over --workers-per-trial={workers} gives {gpus_per_worker:g} GPU "
+                          "per worker: data-parallel workers need whole GPUs (NCCL cannot share one device between "
+                          "ranks)")
+    if batch_size % workers:
+        raise ConfigError(f"--batch-size={batch_size}: must be divisible by --workers-per-trial={workers} (each "
+                          "worker trains an equal slice of the global batch)")
 
 
 def trial_resources(config: dict[str, Any]) -> Any:
-    """Tune's resource request, read from each trial's own config (a callable for `tune.with_resources`).
+    """Tune's resource request, read from each trial's own TrialSpec (a callable for `tune.with_resources`).
 
-    Reading it from the config, not the command line, keeps a resumed trial on the resources it
+    Reading it from the trial, not the command line, keeps a resumed trial on the resources it
     started with. A multi-worker trial reserves only its driver; Ray Train reserves its workers.
     """
     from ray.tune import PlacementGroupFactory
 
-    where = _placement_of(config)
-    if where.get("workers", 1) > 1:
+    where = Placement(**config["trial"]["placement"])
+    if where.workers > 1:
         return PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPUS}])
-    gpus = where.get("gpus_per_trial", 0.0)
-    return PlacementGroupFactory([{"CPU": where.get("cpus_per_trial", 1.0), **({"GPU": gpus} if gpus else {})}])
+    return PlacementGroupFactory([{"CPU": where.cpus, **({"GPU": where.gpus} if where.gpus else {})}])
 
 
-def max_concurrent_trials(workers: int, cpus_per_trial: float, gpus_per_trial: float) -> int:
-    """As many trials as the cluster's CPUs (and GPUs, when trials use them) hold at once."""
+def concurrent_trials(placement: Placement) -> int:
+    """As many trials as the cluster's CPUs (and GPUs, when trials use them) hold at once. Needs Ray started."""
     import ray
 
     total = ray.cluster_resources()
-    cpus = cpus_per_trial + (TRIAL_DRIVER_CPUS if workers > 1 else 0.0)  # a multi-worker trial's driver too
+    cpus = placement.cpus + (TRIAL_DRIVER_CPUS if placement.workers > 1 else 0.0)  # a multi-worker trial's driver
     fits = [int(total.get("CPU", 1) // cpus)]
-    if gpus_per_trial > 0:
-        fits.append(int(total.get("GPU", 0) // gpus_per_trial))
+    if placement.gpus > 0:
+        fits.append(int(total.get("GPU", 0) // placement.gpus))
     return max(1, min(fits))
 
 
-def check_trial_placement(args: argparse.Namespace) -> None:
-    """Shared by the ablation and the search: per-trial resources and worker count."""
-    if args.workers_per_trial < 1:
-        raise ConfigError(f"--workers-per-trial={args.workers_per_trial}: must be >= 1")
-    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
-        raise ConfigError(f"--cpus-per-trial={args.cpus_per_trial} / --gpus-per-trial={args.gpus_per_trial}: "
-                          "must be > 0 and >= 0")
-    gpus_per_worker = args.gpus_per_trial / args.workers_per_trial
-    if args.workers_per_trial > 1 and gpus_per_worker and (gpus_per_worker < 1 or not gpus_per_worker.is_integer()):
-        raise ConfigError(f"--gpus-per-trial={args.gpus_per_trial} over --workers-per-trial={args.workers_per_trial}"
-                          f" gives {gpus_per_worker:g} GPU per worker: data-parallel workers need whole GPUs "
-                          "(NCCL cannot share one device between ranks)")
-    if args.batch_size % args.workers_per_trial:
-        raise ConfigError(f"--batch-size={args.batch_size}: must be divisible by --workers-per-trial="
-                          f"{args.workers_per_trial} (each worker trains an equal slice of the global batch)")
-
-
-def placement(args: argparse.Namespace) -> dict[str, Any]:
-    """The placement keys every trial config carries (workers, per-trial resources, the Train runs' storage)."""
-    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
-    return {"workers": args.workers_per_trial, "cpus_per_trial": args.cpus_per_trial,
-            "gpus_per_trial": args.gpus_per_trial, "train_storage": f"{storage}/{args.name}/train"}
-
-
-def trial_tags(config: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    """Columns added to every reported row: what the trial is, so results read without its config."""
-    tags = {key: config[key] for key in ("variant", "seed") if key in config}
-    m = cfg.mask
-    return {**tags, "scheduler": m.scheduler, "mask_start": m.start, "mask_end": m.end, "mask_ramp": m.ramp,
-            "projector": cfg.data.projector, "preset": cfg.model.preset, "total_steps": cfg.run.steps,
-            "patch_size": cfg.model.patch_size, "tokens": cfg.model.num_patches}
-
-
 def trial_dirname(trial: Any) -> str:
-    """Short, readable trial folders (Tune's default embeds the whole flattened config)."""
-    config = trial.config.get("trial", trial.config)
-    label = config.get("variant") or config.get("scheduler") or "trial"
-    seed = f"_s{config['seed']}" if "seed" in config else ""
-    return f"{label}{seed}_{trial.trial_id}"
+    """Short, readable trial folders, `<variant>_s<seed>_<id>` (Tune's default embeds the whole flattened config)."""
+    spec = trial.config.get("trial", {})
+    return f"{spec.get('variant', 'trial')}_s{spec.get('seed', 0)}_{trial.trial_id}"
+
+
+def trial_tags(spec: TrialSpec) -> dict[str, Any]:
+    """Columns added to every reported row: what the trial is, so results read without its config."""
+    cfg, m = spec.cfg, spec.cfg.mask
+    return {"variant": spec.variant, "seed": spec.seed, "scheduler": m.scheduler, "mask_start": m.start,
+            "mask_end": m.end, "mask_ramp": m.ramp, "projector": cfg.data.projector, "preset": cfg.model.preset,
+            "total_steps": cfg.run.steps, "patch_size": cfg.model.patch_size, "tokens": cfg.model.num_patches}
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """Tune trainable for every trial: dispatches on the trial's worker count."""
-    config = config.get("trial", config)  # grid-searched trials arrive under "trial"
-    if _placement_of(config).get("workers", 1) > 1:
-        _run_distributed_trial(config)
+    """Tune trainable of both experiments: the TrialSpec under "trial", run in one of two shapes by its workers."""
+    spec = TrialSpec.from_dict(config["trial"])
+    if spec.placement.workers > 1:
+        _run_distributed_trial(spec)
     else:
-        _run_local_trial(config)
+        _run_local_trial(spec)
 
 
-def _run_local_trial(config: dict[str, Any]) -> None:
+def _run_local_trial(spec: TrialSpec) -> None:
     from ray import tune
 
-    cfg = TrainConfig.from_dict(config["cfg"])
-    cfg = replace(cfg, data=replace(cfg.data, loader="memory"), run=replace(cfg.run, keep_last=1))
-    tags = trial_tags(config, cfg)
+    from lmd.engine import CHECKPOINT_DIR
+    from lmd.runtime import local_engine
+
+    cfg = replace(spec.cfg, data=replace(spec.cfg.data, loader="memory"), run=replace(spec.cfg.run, keep_last=1))
+    tags = trial_tags(spec)
     scratch = Path(tempfile.mkdtemp(prefix="lmd-trial-"))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -128,14 +195,14 @@ def _run_local_trial(config: dict[str, Any]) -> None:
         saved = tune.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
         tune.report({**row, **tags}, checkpoint=saved)
 
-    engine = Engine(cfg, scratch, reporter=report)
+    engine = local_engine(cfg, scratch, reporter=report)
     try:
         engine.fit(resume=checkpoint is not None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_distributed_trial(config: dict[str, Any]) -> None:
+def _run_distributed_trial(spec: TrialSpec) -> None:
     """The Train run is named after the trial and stored under the experiment (`train_storage`), so a
     restored trial refits the same run and Ray Train resumes it from its latest checkpoint.
     Per-trial CPUs and GPUs are split evenly over the workers."""
@@ -145,15 +212,11 @@ def _run_distributed_trial(config: dict[str, Any]) -> None:
     from lmd.config import ClusterConfig
     from lmd.distributed import fit_distributed
 
-    cfg = TrainConfig.from_dict(config["cfg"])
-    cfg = replace(cfg, data=replace(cfg.data, loader="memory"))  # workers read the small store themselves
-    tags = trial_tags(config, cfg)
-    where = _placement_of(config)
-    workers = where["workers"]
-    cluster = ClusterConfig(workers=workers, cpus_per_worker=where.get("cpus_per_trial", 1.0 * workers) / workers,
-                            gpus_per_worker=where.get("gpus_per_trial", 0.0) / workers,
-                            storage=where["train_storage"],
-                            name=tune.get_context().get_trial_id(), max_failures=where.get("max_failures", 1))
-    result = fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=tags, replay_history=True)
+    cfg = replace(spec.cfg, data=replace(spec.cfg.data, loader="memory"))  # workers read the small store themselves
+    where = spec.placement
+    cluster = ClusterConfig(workers=where.workers, cpus_per_worker=where.cpus / where.workers,
+                            gpus_per_worker=where.gpus / where.workers, storage=where.train_storage,
+                            name=tune.get_context().get_trial_id(), max_failures=where.max_failures)
+    result = fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=trial_tags(spec), replay_history=True)
     if result.error is not None:
         raise result.error

@@ -1,0 +1,198 @@
+"""What tune/ablation.py and tune/search.py do the same way around their `tune.Tuner`.
+
+The scripts show their experiment (flags, the variants table or the Optuna space, the Tuner);
+this module is the rest, in the order a run goes through it:
+
+1. `usage_errors`: bad input (a flag, the data, a refused start) ends in one `<prog>: error:`
+   line with exit code 2, never a traceback.
+2. `check_start`: a new experiment needs a free folder; a resumed one must be restorable, of this
+   layout (trials carry a `TrialSpec`) and defined by the same flags as in its args.json.
+3. `fit`: connect Ray (a wrong --address is one line, exit 1); only then create the experiment
+   folder with args.json and the experiment's own records, so a failed start leaves nothing that
+   would block a rerun; restore the Tuner (--resume) or build it; fit.
+4. `write_results`, `finish`: the results table, reconstruction pictures, the dashboard, and
+   failed trials reported (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmd.checkpoint import write_json_atomic
+from lmd.config import ConfigError, TrainConfig
+from lmd.entry import EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, fail, init_ray
+from lmd.experiments.results import ARGS_FILE, RESULTS_FILE, tidy_table, write_table
+from lmd.experiments.trial import Placement, check_placement, run_trial, trial_resources
+
+# args.json's "layout": 2 = every trial's Tune config holds a TrialSpec under "trial". Experiments of
+# an older layout stay readable (analysis/dashboard.py) but are not resumed.
+LAYOUT = 2
+
+
+class RefusedStart(ConfigError):
+    """This run cannot start on that experiment folder (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """Where an experiment lives and how its trials are placed: the flags both scripts share."""
+
+    prog: str  # "ablation" or "search": names its errors
+    name: str
+    storage: str  # a path, or a URI Tune writes to (s3://...)
+    address: str | None  # a Ray cluster, or None: a local Ray
+    resume: bool
+    workers_per_trial: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+
+    @property
+    def storage_path(self) -> str:
+        return self.storage if "://" in self.storage else str(Path(self.storage).resolve())
+
+    @property
+    def path(self) -> str:
+        """The experiment as Tune addresses it (a path or a URI)."""
+        return f"{self.storage_path}/{self.name}"
+
+    @property
+    def folder(self) -> Path:
+        """The experiment folder where args.json, the results table, summary and dashboard are written."""
+        return Path(self.path)
+
+    @property
+    def devices_per_trial(self) -> float:
+        """What a trial's wall second costs in device seconds: its GPUs, else its CPUs."""
+        return self.gpus_per_trial or self.cpus_per_trial
+
+    def placement(self) -> Placement:
+        return Placement(workers=self.workers_per_trial, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial,
+                         train_storage=f"{self.path}/train")
+
+    def validate(self, batch_size: int) -> ExperimentSpec:
+        check_placement(self.placement(), batch_size)
+        return self
+
+
+@contextmanager
+def usage_errors(prog: str) -> Iterator[None]:
+    """Bad input ends in one `<prog>: error: ...` line and exit code 2: ConfigError, StoreError,
+    ProjectorError, ImageSourceError, RefusedStart and unreadable JSON are all ValueErrors."""
+    try:
+        yield
+    except ValueError as err:
+        fail(str(err), EXIT_USAGE, prog)
+
+
+def read_args(folder: Path) -> dict[str, Any]:
+    """The flags an experiment was started with ({} when it has no args.json)."""
+    path = folder / ARGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_start(exp: ExperimentSpec, flags: Mapping[str, Any], defining: Sequence[str]) -> None:
+    """Refuse (RefusedStart, one line) a start that would overwrite, or resume something else.
+
+    `flags`: this run's flags by name; `defining`: those a resumed experiment must share with the
+    one it continues (the rest only place or name it).
+    """
+    from ray import tune
+
+    folder = exp.folder
+    if not exp.resume:
+        if folder.exists():
+            raise RefusedStart(f"{folder} already holds an experiment: pass --resume to continue it, or choose "
+                               "another --name")
+        return
+    if not tune.Tuner.can_restore(exp.path):
+        if folder.exists():
+            raise RefusedStart(f"{folder}: no experiment to resume (it stopped before Tune saved its state); remove "
+                               "the folder to start again")
+        raise RefusedStart(f"{folder}: no experiment to resume")
+    saved = read_args(folder)
+    if saved.get("layout") != LAYOUT:
+        raise RefusedStart(f"{folder}: started by an older tune/{exp.prog}.py (its trials are not TrialSpecs), so it "
+                           "cannot be resumed: choose another --name (analysis/dashboard.py still reads its results)")
+    changed = [f"--{k.replace('_', '-')}: was {saved.get(k)!r}, now {flags.get(k)!r}" for k in defining
+               if k in saved and saved[k] != flags.get(k)]
+    if changed:
+        raise RefusedStart(f"{folder}: --resume with different arguments ({'; '.join(changed)}); rerun with the "
+                           "original ones or choose another --name")
+
+
+def build_stores(configs: Iterable[TrainConfig], metric: str, metric_flag: str) -> None:
+    """Build (or reuse) each store once, here, not in every trial; refuse a probe metric on unlabelled data."""
+    from lmd.data.latents import probe_set, resolve_store
+
+    first = {}  # one config per projector: the store depends on the data and the projector only
+    for cfg in configs:
+        first.setdefault(cfg.data.projector, cfg)
+    for projector in sorted(first):
+        cfg = first[projector]
+        root, _ = resolve_store(cfg)
+        if metric == "val_probe_acc" and probe_set(root, cfg.data.num_probe) is None:
+            raise ConfigError(f"{metric_flag} val_probe_acc: the {cfg.data.dataset!r} store {root} is unlabelled or "
+                              "--num-probe is 0; use a labelled dataset (fashion-mnist, mnist, class subfolders) or "
+                              f"{metric_flag} val_psnr")
+
+
+def fit(exp: ExperimentSpec, new_tuner: Callable[[Any], Any], flags: Mapping[str, Any],
+        records: Mapping[str, Any] | None = None) -> Any:
+    """Run the experiment and return Tune's ResultGrid.
+
+    Connects Ray, creates the experiment folder with args.json (`flags` and the layout) and
+    `records` (file name -> JSON payload), then restores the Tuner (--resume) or builds it with
+    `new_tuner(trainable)`, where trainable is `run_trial` with each trial's own resources.
+    """
+    import ray
+    from ray import tune
+
+    try:
+        init_ray(exp.address, log_to_driver=False)
+    except ClusterUnreachable as err:
+        fail(str(err), EXIT_RUNTIME, exp.prog)
+    # Only now, with everything that can fail on bad input behind us, does the experiment folder appear.
+    exp.folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(exp.folder / ARGS_FILE, {**flags, "layout": LAYOUT})
+    for name, payload in (records or {}).items():
+        write_json_atomic(exp.folder / name, payload)
+    trainable = tune.with_resources(run_trial, trial_resources)
+    try:
+        if exp.resume:
+            tuner = tune.Tuner.restore(exp.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = new_tuner(trainable)
+        return tuner.fit()
+    finally:
+        ray.shutdown()
+
+
+def write_results(results: Any, exp: ExperimentSpec) -> pd.DataFrame:
+    """Every reported row of every trial -> <experiment>/results.parquet; returns the table."""
+    table = tidy_table(results, devices_per_trial=exp.devices_per_trial)
+    path = exp.folder / RESULTS_FILE
+    write_table(table, path)
+    print(f"results: {path} ({len(table)} rows, {table['trial_id'].nunique()} trials)", flush=True)
+    return table
+
+
+def finish(results: Any, table: pd.DataFrame, exp: ExperimentSpec, pick: str) -> int:
+    """Pictures (`pick`: each variant's median or best trial), the dashboard, and the exit code: 1 if a trial failed."""
+    from lmd.dashboard.page import render_after_experiment
+    from lmd.experiments.pictures import write_pictures
+
+    write_pictures(results, table, exp.folder, pick=pick)
+    render_after_experiment(exp.folder)
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        print(f"{exp.prog}: {len(errors)} trial(s) failed: {str(errors[0]).splitlines()[0]}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0
