@@ -7,17 +7,22 @@ Layout under a run's ``checkpoints/`` folder::
 
 A checkpoint is written into a hidden temporary folder, fsynced, and renamed into place, so a
 crash mid-write never leaves a half checkpoint that looks complete: readers only see folders that
-carry a manifest, and a stale temporary folder is ignored (and swept by the next writer). On load
-the size and checksum are verified before unpickling anything, and failures name the file.
+carry a manifest, and a stale temporary folder is ignored (and swept by the next writer); pruning
+renames before deleting, for the same reason. On load the size and checksum are verified before
+unpickling anything, and failures name the file. Resume (`resume_point`) takes the newest
+checkpoint that verifies and sets aside, by renaming, whatever it skips: nothing is deleted that
+this run did not write.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 _PREFIX = "step_"
+_STEP_NAME = re.compile(r"step_\d{8}")
 
 
 class CheckpointError(RuntimeError):
@@ -44,18 +50,82 @@ def _write_state(state: dict[str, Any], path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints (folders with a manifest) under `root`, oldest first."""
+@dataclass
+class CheckpointScan:
+    """What a run's checkpoints/ folder holds, sorted into what resume may use and what it must not touch."""
+
+    complete: list[Path] = field(default_factory=list)  # step_NNNNNNNN folders with a manifest, oldest first
+    unverified: list[Path] = field(default_factory=list)  # step_NNNNNNNN folders without one (never read)
+    unknown: list[Path] = field(default_factory=list)  # anything else but temporary writes (ignored)
+
+
+def scan_checkpoints(root: Path) -> CheckpointScan:
+    scan = CheckpointScan()
     if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(_PREFIX) and (p / MANIFEST_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+        return scan
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(TMP_PREFIX):
+            continue
+        if not (p.is_dir() and _STEP_NAME.fullmatch(p.name)):
+            scan.unknown.append(p)
+        elif (p / MANIFEST_FILE).is_file():
+            scan.complete.append(p)
+        else:
+            scan.unverified.append(p)
+    scan.complete.sort(key=lambda p: int(p.name[len(_PREFIX):]))
+    return scan
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints (step_NNNNNNNN folders with a manifest) under `root`, oldest first."""
+    return scan_checkpoints(root).complete
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     dirs = checkpoint_dirs(root)
     return dirs[-1] if dirs else None
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename a folder resume must not use (nor overwrite) out of the way, keeping its bytes: nothing is deleted."""
+    target = path.with_name(f"{path.name}.{reason}")
+    if target.exists():
+        target = path.with_name(f"{path.name}.{reason}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, target)
+    return target
+
+
+def resume_point(root: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that verifies, loaded: (folder, state, manifest); None when there is none at all.
+
+    Says loudly what it skips and why: a newer checkpoint that fails verification, or a step folder
+    without a manifest (an interrupted write or prune, or an edit), is renamed aside
+    (`<name>.rejected-corrupt`, `<name>.rejected-unverified`), so a resumed run that reaches its
+    step never overwrites bytes it did not write; unknown entries are reported and left alone.
+    """
+    scan = scan_checkpoints(root)
+    for path in scan.unknown:
+        log.warning("%s: not a checkpoint of this run (expected step_NNNNNNNN folders); ignored", path)
+    for path in scan.unverified:
+        moved = set_aside(path, "rejected-unverified")
+        log.warning("%s: has no %s (an interrupted write or prune, or an edit): not used, kept as %s", path,
+                    MANIFEST_FILE, moved.name)
+    failures = []
+    for path in reversed(scan.complete):
+        try:
+            state, manifest = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as err:
+            moved = set_aside(path, "rejected-corrupt")
+            log.warning("not resuming from %s: %s; kept as %s, trying the previous checkpoint", path.name, err,
+                        moved.name)
+            failures.append(str(err))
+            continue
+        return path, state, manifest
+    if scan.unverified or scan.complete:  # there was something to resume from, and none of it verifies
+        newest = failures[0] if failures else f"{scan.unverified[-1]}: no {MANIFEST_FILE}"
+        raise CheckpointError(f"no checkpoint under {root} verifies (newest: {newest}); each is kept, renamed "
+                              "*.rejected-*: nothing to resume from; restore one, or start a new --run-dir")
+    return None
 
 
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any],
@@ -78,15 +148,19 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], meta: dict[str
         }
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
         fsync_dir(tmp)
-        if final.exists():  # a rerun of the same step (e.g. after a crash right after saving)
-            shutil.rmtree(final)
+        if final.exists():  # not written by this run (resume sets aside what it does not use): keep its bytes
+            log.warning("%s exists; kept as %s", final, set_aside(final, "replaced").name)
         os.rename(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed to a temporary name first: a kill mid-delete leaves a folder the next sweep removes,
+        # never a step folder that has lost its manifest but kept its state.
+        doomed = root / f"{TMP_PREFIX}prune-{old.name}-{uuid.uuid4().hex}"
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

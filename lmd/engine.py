@@ -32,7 +32,7 @@ from lmd import code_version
 from lmd.checkpoint import (
     CheckpointError,
     latest_checkpoint,
-    load_checkpoint,
+    resume_point,
     save_checkpoint,
     sweep_stale,
 )
@@ -156,6 +156,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _metrics_row(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line as a row, or None when it is not one (torn, edited, or missing its integer step)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 class Engine:
     """Owns the model, optimizer and run directory of one training run; is handed everything else.
 
@@ -273,9 +282,9 @@ class Engine:
         check_run_dir(self.run_dir, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale(self.checkpoint_root)
-        latest = latest_checkpoint(self.checkpoint_root)
-        if resume and latest is not None:
-            state, manifest = load_checkpoint(latest, map_location=self.device)
+        point = resume_point(self.checkpoint_root, map_location=self.device) if resume else None
+        if point is not None:
+            latest, state, manifest = point
             saved = TrainConfig.from_dict(manifest["config"])
             changed = [f for f in config_diff(saved, self.cfg) if f not in RESUMABLE_CHANGES]
             if changed:
@@ -291,12 +300,28 @@ class Engine:
         write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop rows newer than the resumed step, so the history has each step once."""
+        """Drop rows newer than the resumed step, so the history has each step once.
+
+        A line that is not a metrics row (a torn last line from a kill, an edit) is moved, not dropped:
+        appended to `metrics.jsonl.rejected`, with a warning naming its line number.
+        """
         if not self.metrics_path.exists():
             return
-        rows = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        write_text_atomic(self.metrics_path, "".join(r + "\n" for r in rows))
+        keep, rejected = [], []
+        for number, line in enumerate(self.metrics_path.read_text(errors="replace").splitlines(), start=1):
+            row = _metrics_row(line)
+            if row is None:
+                if line.strip():
+                    rejected.append((number, line))
+            elif row["step"] <= step:
+                keep.append(line)
+        if rejected:
+            aside = self.metrics_path.with_name(METRICS_FILE + ".rejected")
+            with aside.open("a") as f:
+                f.writelines(line + "\n" for _, line in rejected)
+            log.warning("%s: %d line(s) are not metrics rows (first: line %d); moved to %s", self.metrics_path,
+                        len(rejected), rejected[0][0], aside.name)
+        write_text_atomic(self.metrics_path, "".join(r + "\n" for r in keep))
 
     def save(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "code_version": code_version(),

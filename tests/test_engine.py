@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +253,61 @@ def test_compile_wraps_the_wrapped_model_and_trains_like_eager(tmp_path, monkeyp
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("eager", "compiled")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def _two_checkpoints(tmp_path):
+    local_engine(tiny_config(**{"run.ckpt_every": 5}), tmp_path).fit(stop_at=10)
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoint_dirs(root)] == ["step_00000005", "step_00000010"]
+    return root
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda d: _flip_byte(d / "state.pt"), "rejected-corrupt"),
+    (lambda d: (d / "manifest.json").unlink(), "rejected-unverified"),  # a kill mid-prune or an edit
+])
+def test_resume_takes_the_newest_verified_checkpoint_and_keeps_what_it_skips(tmp_path, caplog, damage, reason):
+    root = _two_checkpoints(tmp_path)
+    newest = root / "step_00000010"
+    damage(newest)
+    state_bytes = (newest / "state.pt").read_bytes()
+    caplog.set_level("INFO")
+    result = local_engine(tiny_config(**{"run.ckpt_every": 5}), tmp_path).fit(resume=True)
+    assert result.step == 20
+    assert "resumed from" in caplog.text and "step_00000005" in caplog.text and "step_00000010" in caplog.text
+    kept = root / f"step_00000010.{reason}"
+    assert (kept / "state.pt").read_bytes() == state_bytes  # set aside, never overwritten nor deleted
+    assert latest_checkpoint(root).name == "step_00000020"
+
+
+def test_unknown_entries_and_bad_metrics_lines_do_not_block_resume(tmp_path, caplog):
+    root = _two_checkpoints(tmp_path)
+    shutil.copytree(root / "step_00000010", root / "step_00000010.bak")  # a user's backup copy
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 11, "loss": 0.1')  # a torn last line
+    caplog.set_level("WARNING")
+    assert local_engine(tiny_config(**{"run.ckpt_every": 5}), tmp_path).fit(resume=True).step == 20
+    assert "step_00000010.bak: not a checkpoint" in caplog.text
+    assert (root / "step_00000010.bak" / "state.pt").is_file()
+    assert (tmp_path / "metrics.jsonl.rejected").read_text() == '{"step": 11, "loss": 0.1\n'
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+
+
+def test_a_prune_killed_midway_leaves_only_a_temporary_folder(tmp_path, monkeypatch):
+    real_rmtree = ckpt.shutil.rmtree
+
+    def die_midway(path, ignore_errors=False):
+        (Path(path) / "manifest.json").unlink()  # what a kill after deleting the first file leaves
+        raise KeyboardInterrupt
+
+    local_engine(tiny_config(**{"run.ckpt_every": 5, "run.keep_last": 1}), tmp_path).fit(stop_at=5)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", die_midway)
+    with pytest.raises(KeyboardInterrupt):
+        local_engine(tiny_config(**{"run.ckpt_every": 5, "run.keep_last": 1}), tmp_path).fit(resume=True)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    root = tmp_path / "checkpoints"
+    names = sorted(p.name for p in root.iterdir())
+    assert names[-1] == "step_00000010" and all(n.startswith(".tmp-prune-step_00000005") for n in names[:-1])
+    assert local_engine(tiny_config(**{"run.ckpt_every": 5, "run.keep_last": 1}), tmp_path).fit(resume=True).step == 20
+    assert [p.name for p in root.iterdir()] == ["step_00000020"]
