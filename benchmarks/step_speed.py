@@ -19,20 +19,9 @@ import time
 import torch
 
 from lmd.config import build_config
+from lmd.flops import device_peak_flops
 from lmd.model import PRESETS, param_count, train_flops_per_sample
 from lmd.runtime import local_engine
-
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU.
-GPU_PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-                 "L4": 121e12}
-
-
-def gpu_peak() -> tuple[str, float | None]:
-    if not torch.cuda.is_available():
-        return "cpu", None
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-    return name, peak
 
 
 def measure(preset: str, batch: int, steps: int, warmup: int, ratio: float, compile_: bool, device: str) -> dict:
@@ -58,7 +47,7 @@ def measure(preset: str, batch: int, steps: int, warmup: int, ratio: float, comp
         seconds = time.perf_counter() - start
     assert torch.isfinite(loss), f"{preset}: non-finite loss in the benchmark"
     flops = train_flops_per_sample(cfg.model, ratio)
-    name, peak = gpu_peak()
+    name, peak = device_peak_flops(engine.device)
     samples_s = steps * batch / seconds
     return {"preset": preset, "device": name, "compile": compile_, "batch": batch, "mask_ratio": ratio,
             "params": param_count(cfg.model), "steps_per_s": steps / seconds, "samples_per_s": samples_s,

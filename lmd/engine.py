@@ -39,7 +39,7 @@ from lmd.checkpoint import (
 from lmd.config import ModelConfig, OptimConfig, TrainConfig, config_diff
 from lmd.device import autocast_dtype
 from lmd.evaluation import reconstruction_psnr
-from lmd.flops import step_flops, train_flops_until
+from lmd.flops import device_peak_flops, step_flops, train_flops_until
 from lmd.io import write_json_atomic, write_text_atomic
 from lmd.masking import mask_ratio
 from lmd.model import MaskedLatentTransformer, build_model
@@ -119,15 +119,21 @@ def compile_model(module: torch.nn.Module, cfg: ModelConfig) -> Callable[..., An
     return torch.compile(module)
 
 
-def throughput(before: tuple[int, float, float], now: tuple[int, float, float], batch_size: int) -> dict[str, float]:
-    """Samples/s and achieved TFLOP/s over one log interval; (step, training seconds, training FLOPs) at each end.
+def throughput(before: tuple[int, float, float], now: tuple[int, float, float], batch_size: int,
+               peak_flops: float | None = None) -> dict[str, float]:
+    """Samples/s, achieved TFLOP/s and (when the device's peak is known) MFU over one log interval.
 
-    Training seconds exclude evaluation; the FLOPs are the model's matmuls (`lmd.flops`), so
-    TFLOP/s over the device's peak is the model-FLOPs utilisation (MFU).
+    `before` and `now` are (step, training seconds, training FLOPs) at the interval's ends. Training
+    seconds exclude evaluation; the FLOPs are the model's matmuls (`lmd.flops`), as nanoGPT and DiT
+    count them, so TFLOP/s over the device's peak is the model-FLOPs utilisation.
     """
     seconds = max(now[1] - before[1], 1e-9)
-    return {"samples_per_s": round((now[0] - before[0]) * batch_size / seconds, 2),
-            "tflops_per_s": round((now[2] - before[2]) / seconds / 1e12, 6)}
+    achieved = (now[2] - before[2]) / seconds
+    row = {"samples_per_s": round((now[0] - before[0]) * batch_size / seconds, 2),
+           "tflops_per_s": round(achieved / 1e12, 6)}
+    if peak_flops:
+        row["mfu"] = round(achieved / peak_flops, 4)
+    return row
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -185,6 +191,7 @@ class Engine:
         self.rank, self.world_size, self.reporter = rank, world_size, reporter
         self.device = device
         self.amp_dtype = autocast_dtype(cfg.run.precision, device)
+        self.peak_flops = device_peak_flops(device)[1]  # for MFU on every row (known GPUs only)
         self.data = data.train
         self.val_latents = data.val
         self.projector, self.val_images, self.probe = data.projector, data.val_images, data.probe
@@ -375,7 +382,8 @@ class Engine:
                         "wall_seconds": round(self.wall_offset, 4), "train_flops": flops,
                         "loss": sum(losses) / len(losses),
                         "loss_last": last_loss, "mask_ratio": ratio, "lr": lr,
-                        **throughput(since, (self.step, self.wall_offset, flops), self.cfg.data.batch_size)}
+                        **throughput(since, (self.step, self.wall_offset, flops), self.cfg.data.batch_size,
+                                     self.peak_flops)}
                     since = (self.step, self.wall_offset, flops)
                     if do_eval:
                         eval_started = time.perf_counter()

@@ -114,3 +114,16 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3) -> float:
                 seconds += time.perf_counter() - started
                 flops += step_flops(cfg, ratio)
     return flops / seconds
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets: the denominator of MFU.
+GPU_PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def device_peak_flops(device: torch.device) -> tuple[str, float | None]:
+    """(device name, its dense bf16 peak FLOP/s or None when unknown, e.g. on CPU)."""
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
+
