@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -287,7 +288,13 @@ class Engine:
 
     def _prepare_run_dir(self, resume: bool) -> None:
         check_run_dir(self.run_dir, resume)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:  # read-only, a file in the way, no permission: one line naming the path
+            raise RunDirError(f"run dir {self.run_dir}: cannot write there ({err.strerror or err})") from None
         sweep_stale(self.checkpoint_root)
         point = resume_point(self.checkpoint_root, map_location=self.device) if resume else None
         if point is not None:
@@ -333,7 +340,11 @@ class Engine:
     def save(self) -> Path:
         meta = {"config": self.cfg.to_dict(), "code_version": code_version(),
                 "samples_seen": self.step * self.cfg.data.batch_size, "history": self.history}
-        return save_checkpoint(self.checkpoint_root, self.step, self.state_dict(), meta, self.cfg.run.keep_last)
+        try:
+            return save_checkpoint(self.checkpoint_root, self.step, self.state_dict(), meta, self.cfg.run.keep_last)
+        except OSError as err:  # disk full, folder gone: the previous checkpoint is intact (atomic write)
+            raise CheckpointError(f"{self.checkpoint_root}: cannot write the checkpoint of step {self.step} "
+                                  f"({err.strerror or err}); the previous one is intact") from None
 
     def fit(self, resume: bool = False, stop_at: int | None = None) -> FitResult:
         """Train to `run.steps` (or to `stop_at`, checkpointing there). Returns the final figures."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -101,7 +102,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path,
 
     monkeypatch.setattr(ckpt, "_write_state", write_half_then_die)
     engine.step = 12
-    with pytest.raises(OSError, match="mid-write"):
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint of step 12 .*mid-write.*intact"):
         engine.save()
     latest = latest_checkpoint(tmp_path / "checkpoints")
     assert latest.name == "step_00000010"
@@ -311,3 +312,18 @@ def test_a_prune_killed_midway_leaves_only_a_temporary_folder(tmp_path, monkeypa
     assert names[-1] == "step_00000010" and all(n.startswith(".tmp-prune-step_00000005") for n in names[:-1])
     assert local_engine(tiny_config(**{"run.ckpt_every": 5, "run.keep_last": 1}), tmp_path).fit(resume=True).step == 20
     assert [p.name for p in root.iterdir()] == ["step_00000020"]
+
+
+@pytest.mark.parametrize("blocker", ["file", "read-only"])
+def test_an_unwritable_run_dir_is_one_error_naming_it(tmp_path, blocker):
+    run_dir = tmp_path / "run"
+    if blocker == "file":
+        run_dir.write_text("a file where the run dir should be")
+    else:
+        run_dir.mkdir()
+        run_dir.chmod(0o500)
+        if os.access(run_dir, os.W_OK):  # root ignores permissions: nothing to test here
+            pytest.skip("running as root: a read-only folder is still writable")
+    with pytest.raises(RunDirError, match=f"run dir {run_dir}: cannot write there"):
+        local_engine(tiny_config(), run_dir).fit()
+

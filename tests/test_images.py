@@ -71,3 +71,13 @@ def test_unknown_dataset_or_empty_folder_is_named(tmp_path):
         image_source(str(tmp_path / "nope"), "train", 64)
     with pytest.raises(ImageSourceError, match="no images"):
         image_source(str(tmp_path), "train", 64)
+
+
+def test_a_decompression_bomb_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    from lmd.data.images import load_rgb
+
+    path = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4,096 pixels is > 2x the limit: PIL refuses it
+    with pytest.raises(ImageSourceError, match=f"{path}: not a readable image"):
+        load_rgb(path)

@@ -91,8 +91,8 @@ def load_rgb(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ImageSourceError(f"{path}: not a readable image ({err})") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:  # a bomb is not an OSError
+        raise ImageSourceError(f"{path}: not a readable image ({str(err).splitlines()[0]})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
