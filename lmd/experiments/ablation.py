@@ -10,19 +10,18 @@ budget record, budget table and summary file.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmd.checkpoint import write_json_atomic
 from lmd.config import LATENT_FACTOR, ConfigError, TrainConfig, build_config
 from lmd.experiments.driver import ExperimentSpec, build_stores
 from lmd.experiments.results import REFERENCES_FILE, read_references
 from lmd.experiments.summary import TARGET_METRICS, verdicts
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec
 from lmd.flops import measure_flop_rate, run_flops, steps_for_flops
+from lmd.io import read_json_object, write_json_atomic
 
 BUDGET_UNITS = {"flops": "TFLOP", "time": "device seconds", "steps": "steps"}
 BUDGET_FILE = "budget.json"  # what each variant was given; a resumed experiment reuses its steps
@@ -157,7 +156,11 @@ def saved_steps(experiment: Path) -> dict[str, int] | None:
     path = experiment / BUDGET_FILE
     if not path.is_file():
         return None
-    return {name: int(v["steps"]) for name, v in json.loads(path.read_text())["variants"].items()}
+    budget = read_json_object(path, "the experiment's budget", ConfigError)
+    try:
+        return {name: int(v["steps"]) for name, v in budget["variants"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{path}: no steps per variant ({type(err).__name__}: {err})") from None
 
 
 def budget_record(spec: AblationSpec, trials: list[TrialSpec]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ this module is the rest, in the order a run goes through it:
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,11 +25,11 @@ from typing import Any
 
 import pandas as pd
 
-from lmd.checkpoint import write_json_atomic
 from lmd.config import ConfigError, TrainConfig
 from lmd.entry import EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, fail, init_ray
 from lmd.experiments.results import ARGS_FILE, RESULTS_FILE, tidy_table, write_table
 from lmd.experiments.trial import Placement, check_placement, run_trial, trial_resources
+from lmd.io import read_json_object, storage_uri, write_json_atomic
 
 # args.json's "layout": 2 = every trial's Tune config holds a TrialSpec under "trial". Experiments of
 # an older layout stay readable (analysis/dashboard.py) but are not resumed.
@@ -56,7 +55,7 @@ class ExperimentSpec:
 
     @property
     def storage_path(self) -> str:
-        return self.storage if "://" in self.storage else str(Path(self.storage).resolve())
+        return storage_uri(self.storage)
 
     @property
     def path(self) -> str:
@@ -95,7 +94,7 @@ def usage_errors(prog: str) -> Iterator[None]:
 def read_args(folder: Path) -> dict[str, Any]:
     """The flags an experiment was started with ({} when it has no args.json)."""
     path = folder / ARGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path, "the experiment's flags", RefusedStart) if path.is_file() else {}
 
 
 def check_start(exp: ExperimentSpec, flags: Mapping[str, Any], defining: Sequence[str]) -> None:
