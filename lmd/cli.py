@@ -1,7 +1,9 @@
 """`lmd` command line: train, probe, precompute, projector-train, schedule, presets.
 
-Flags are collected into dotted overrides and handed to `build_config`, which owns every check;
-any invalid input ends with one `lmd: error: ...` line and a non-zero exit, never a traceback.
+The `lmd train` and `lmd schedule` flags are not written here: they are read from the config
+fields declared with `lmd.config.option`. Passed flags become dotted overrides handed to `build_config`,
+which owns every check; any invalid input ends with one `lmd: error: ...` line (`lmd.entry.fail`) and
+a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,63 +18,50 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lmd.config import SCHEDULERS, ConfigError, build_config
+from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, Flag, TrainConfig, build_config, cli_flags
+from lmd.entry import EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, check_reachable, fail, init_ray
 
-EXIT_USAGE = 2  # bad flags or config values
-EXIT_RUNTIME = 1  # the run itself failed (diverged, corrupt checkpoint, unusable run dir)
-
-# flag -> dotted config field. Only flags the user passed become overrides.
-TRAIN_FLAGS: dict[str, tuple[str, type]] = {
-    "preset": ("model.preset", str),
-    "latent_size": ("model.latent_size", int),
-    "in_chans": ("model.in_chans", int),
-    "patch_size": ("model.patch_size", int),
-    "scheduler": ("mask.scheduler", str),
-    "mask_start": ("mask.start", float),
-    "mask_end": ("mask.end", float),
-    "mask_ramp": ("mask.ramp", float),
-    "eval_ratio": ("mask.eval_ratio", float),
-    "lr": ("optim.lr", float),
-    "warmup_steps": ("optim.warmup_steps", int),
-    "dataset": ("data.dataset", str),
-    "projector": ("data.projector", str),
-    "resolution": ("data.resolution", int),
-    "latents": ("data.latents", str),
-    "loader": ("data.loader", str),
-    "batch_size": ("data.batch_size", int),
-    "num_train": ("data.num_train", int),
-    "num_val": ("data.num_val", int),
-    "num_probe": ("data.num_probe", int),
-    "steps": ("run.steps", int),
-    "seed": ("run.seed", int),
-    "log_every": ("run.log_every", int),
-    "eval_every": ("run.eval_every", int),
-    "ckpt_every": ("run.ckpt_every", int),
-    "keep_last": ("run.keep_last", int),
-    "device": ("run.device", str),
-    "precision": ("run.precision", str),
-}
-MASK_FLAGS = ("scheduler", "mask_start", "mask_end", "mask_ramp")
+# Flag -> the field it sets, read from the config classes' declarations: a flag is written once, there.
+TRAIN_FLAGS: dict[str, Flag] = cli_flags(SECTIONS)
+CLUSTER_FLAGS: dict[str, Flag] = cli_flags({"cluster": ClusterConfig})
+SCHEDULE_FIELDS = ("mask.scheduler", "mask.start", "mask.end", "mask.ramp")  # what `lmd schedule` takes
+SCHEDULE_FLAGS = {flag: f for flag, f in TRAIN_FLAGS.items() if f.dotted in SCHEDULE_FIELDS}
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad flags in one line instead of usage + error."""
 
     def error(self, message: str) -> NoReturn:
-        _fail(f"{self.prog}: {message}", EXIT_USAGE)
+        fail(f"{self.prog}: {message}", EXIT_USAGE)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    print(f"lmd: error: {message}", file=sys.stderr)
-    sys.exit(code)
+def _add_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, flags: dict[str, Flag]) -> None:
+    """One argument per flag, stored under its dotted field; None (unset) unless the user passes it."""
+    for flag, f in flags.items():
+        if f.kind is bool:
+            p.add_argument(flag, dest=f.dotted, action="store_true", default=None, help=f.help)
+        else:
+            p.add_argument(flag, dest=f.dotted, type=f.kind, help=f.help,
+                           metavar=f.metavar or flag.removeprefix("--").replace("-", "_").upper())
 
 
-def _add_mask_flags(p: argparse.ArgumentParser) -> None:
-    # Choices are checked by build_config so the message names the field (mask.scheduler).
-    p.add_argument("--scheduler", help=f"mask-ratio scheduler: {', '.join(SCHEDULERS)}")
-    p.add_argument("--mask-start", type=float, metavar="F", help="initial mask ratio (default 0.15)")
-    p.add_argument("--mask-end", type=float, metavar="F", help="final mask ratio (default 0.75)")
-    p.add_argument("--mask-ramp", type=float, metavar="F", help="fraction of steps to reach the end (2/3)")
+def _passed(args: argparse.Namespace, flags: dict[str, Flag]) -> dict[str, Any]:
+    """Dotted field -> value of the flags the user passed: only those override the lower layers."""
+    return {f.dotted: getattr(args, f.dotted) for f in flags.values() if getattr(args, f.dotted, None) is not None}
+
+
+def _cluster(args: argparse.Namespace) -> ClusterConfig | None:
+    """The Ray Train placement the flags ask for; None without --workers (one process, no Ray Train)."""
+    passed = {dotted.removeprefix("cluster."): value for dotted, value in _passed(args, CLUSTER_FLAGS).items()}
+    return ClusterConfig(**passed) if "workers" in passed else None
+
+
+def _check_reachable(address: str) -> None:
+    """Kept for lmd/experiments/ablation.py, which still imports it; new code uses lmd.entry.init_ray."""
+    try:
+        check_reachable(address)
+    except ClusterUnreachable as err:
+        fail(str(err), EXIT_RUNTIME)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,49 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train the masked latent transformer")
-    t.add_argument("--config", metavar="FILE", help="YAML or JSON file with model/mask/optim/data/run sections")
-    t.add_argument("--preset", help="model preset (see `lmd presets`); default tiny")
-    t.add_argument("--latent-size", type=int, help="latent grid side (overrides the preset)")
-    t.add_argument("--in-chans", type=int, help="latent channels (overrides the preset)")
-    t.add_argument("--patch-size", type=int, help="patch side in latent pixels (overrides the preset)")
-    _add_mask_flags(t)
-    t.add_argument("--eval-ratio", type=float, metavar="F", help="fixed evaluation mask ratio (0.75)")
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--dataset", help="bundled (default), fashion-mnist, mnist, synthetic, or a directory of images")
-    t.add_argument("--projector", help="lmd-f8c4 (default), identity (pixel space), taesd:DIR, sdvae:DIR or a file")
-    t.add_argument("--resolution", type=int, help="image side in pixels (default: preset latent_size x 8)")
-    t.add_argument("--latents", metavar="DIR", help="store from `lmd precompute` (default: a cached one)")
-    t.add_argument("--loader", help="auto (default: memory if it fits, else Ray Data), ray or memory")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--num-train", type=int, help="training images (crops for the bundled photos)")
-    t.add_argument("--num-val", type=int, help="held-out images")
-    t.add_argument("--num-probe", type=int, help="labelled training items the linear probe is fit on (0 = off)")
-    t.add_argument("--steps", type=int, help="total optimisation steps (sets the schedules' length)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--log-every", type=int)
-    t.add_argument("--eval-every", type=int)
-    t.add_argument("--ckpt-every", type=int)
-    t.add_argument("--keep-last", type=int, help="checkpoints to keep")
-    t.add_argument("--device", help="auto, cpu or cuda")
-    t.add_argument("--precision", help="auto, fp32 or bf16")
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    t.add_argument("--norm-target", action="store_true", default=None, help="per-patch normalised targets")
+    t.add_argument("--config", metavar="FILE", help="YAML or JSON file with model/mask/optim/data/run sections "
+                   "(on top of --preset; the flags below override it)")
     t.add_argument("--run-dir", metavar="DIR", help="where metrics and checkpoints go (default runs/<name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    for section, cls in SECTIONS.items():  # one group per section, named as in a --config file
+        group = t.add_argument_group(section, (cls.__doc__ or "").splitlines()[0])
+        _add_flags(group, {flag: f for flag, f in TRAIN_FLAGS.items() if f.dotted.startswith(f"{section}.")})
     r = t.add_argument_group("Ray Train (data-parallel; rerunning the same --name resumes it)")
-    r.add_argument("--workers", type=int, help="train with Ray Train on this many workers")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--gpus-per-worker", type=float, default=0.0)
-    r.add_argument("--cpus-per-worker", type=float, default=1.0)
-    r.add_argument("--storage", default="runs/ray", help="run storage: a shared path or s3://bucket/prefix")
-    r.add_argument("--name", default="", help="run name (default lmd-<preset>-<scheduler>-s<seed>)")
-    r.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
-    r.add_argument("--spread", action="store_true", help="place each worker on a different node")
-    r.add_argument("--keep-best", action="store_true", help="keep the best checkpoints by val score, not the newest")
+    _add_flags(r, CLUSTER_FLAGS)
 
     s = sub.add_parser("schedule", help="print a mask-ratio schedule")
-    _add_mask_flags(s)
+    _add_flags(s, SCHEDULE_FLAGS)
     s.add_argument("--total-steps", type=int, required=True)
     s.add_argument("--points", type=int, default=21, help="rows to print, evenly spaced (0 = every step)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -167,40 +126,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
-    out = {TRAIN_FLAGS[f][0]: getattr(args, f) for f in flags if getattr(args, f) is not None}
-    for flag, dotted in (("compile", "run.compile"), ("norm_target", "model.norm_target")):
-        if getattr(args, flag, None):
-            out[dotted] = True
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from lmd.checkpoint import CheckpointError
     from lmd.data.images import ImageSourceError
     from lmd.data.store import StoreError
-    from lmd.engine import Engine, NonFiniteLossError, RunDirError, check_run_dir
+    from lmd.engine import NonFiniteLossError, RunDirError, check_run_dir
     from lmd.projector import ProjectorError
+    from lmd.runtime import local_engine
 
-    cfg = build_config(args.config, _overrides(args, list(TRAIN_FLAGS)))
-    if args.workers is not None:
-        return _train_distributed(cfg, args)
+    cfg = build_config(args.config, _passed(args, TRAIN_FLAGS))
+    cluster = _cluster(args)
+    if cluster is not None:
+        return _train_distributed(cfg, cluster, args.address)
     if args.run_dir:
         run_dir = Path(args.run_dir)
     elif args.resume:
-        _fail("--resume needs --run-dir (the run to continue)", EXIT_USAGE)
+        fail("--resume needs --run-dir (the run to continue)", EXIT_USAGE)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{cfg.model.preset}-{cfg.mask.scheduler}-s{cfg.run.seed}-{stamp}"
     try:
         check_run_dir(run_dir, args.resume)  # before building data: fail in a second, not a minute
-        engine = Engine(cfg, run_dir)
+        engine = local_engine(cfg, run_dir)
         # SIGTERM (preemption, `ray stop`) and the first Ctrl-C: checkpoint after this step and exit.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: engine.request_stop())
         result = engine.fit(resume=args.resume)
     except (CheckpointError, RunDirError, NonFiniteLossError, StoreError, ProjectorError, ImageSourceError) as err:
-        _fail(str(err), EXIT_RUNTIME)
+        fail(str(err), EXIT_RUNTIME)
     finally:
         _shutdown_ray()
     print(json.dumps({"run_dir": str(run_dir), "step": result.step, "final_loss": result.final_loss,
@@ -208,47 +161,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_reachable(address: str) -> None:
-    """Fail in seconds on a wrong --address (ray.init would retry for minutes)."""
-    import socket
-
-    if address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
-            pass
-    except (OSError, ValueError) as err:
-        _fail(f"--address={address}: no Ray cluster reachable there ({err})", EXIT_RUNTIME)
-
-
-def _train_distributed(cfg: Any, args: argparse.Namespace) -> int:
-    import ray
-
-    from lmd.config import ClusterConfig
+def _train_distributed(cfg: TrainConfig, cluster: ClusterConfig, address: str | None) -> int:
     from lmd.data.images import ImageSourceError
     from lmd.data.store import StoreError
     from lmd.distributed import fit_distributed
     from lmd.projector import ProjectorError
 
-    cluster = ClusterConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                            cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name,
-                            max_failures=args.max_failures, spread=args.spread, keep_best=args.keep_best)
     cluster.validate(cfg)
-    if args.address:
-        _check_reachable(args.address)
-    try:
-        ray.init(address=args.address, include_dashboard=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        _fail(f"--address={args.address}: cannot connect to a Ray cluster ({str(err).splitlines()[0]})", EXIT_RUNTIME)
+    init_ray(address)  # a wrong address: ClusterUnreachable, one line from main()
     try:
         result = fit_distributed(cfg, cluster)
     except (StoreError, ProjectorError, ImageSourceError) as err:
-        _fail(str(err), EXIT_RUNTIME)
+        fail(str(err), EXIT_RUNTIME)
     finally:
-        ray.shutdown()
+        _shutdown_ray()
     if result.error is not None:
-        _fail(f"training failed: {str(result.error).splitlines()[0]}", EXIT_RUNTIME)
+        fail(f"training failed: {str(result.error).splitlines()[0]}", EXIT_RUNTIME)
     print(json.dumps({"run": str(result.path), "step": result.metrics.get("step"),
                       "final_loss": result.metrics.get("loss_last"),
                       "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -272,14 +200,14 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     for flag in ("resolution", "limit", "num_val", "shard_size", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            _fail(f"--{flag.replace('_', '-')}={value}: must be > 0", EXIT_USAGE)
+            fail(f"--{flag.replace('_', '-')}={value}: must be > 0", EXIT_USAGE)
     try:
         projector = load_projector(args.projector)
         projector.latent_shape(args.resolution)  # checks the resolution against the downsampling factor
         root = build_store(Path(args.out), args.dataset, projector, args.resolution, args.limit, args.num_val,
                            shard_size=args.shard_size, batch_size=args.batch_size)
     except (StoreError, ProjectorError, ImageSourceError) as err:
-        _fail(str(err), EXIT_RUNTIME)
+        fail(str(err), EXIT_RUNTIME)
     print(json.dumps({"store": str(root), "projector": projector.info()}))
     return 0
 
@@ -288,8 +216,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from lmd.masking import schedule_table
 
     if args.total_steps <= 0:
-        _fail(f"--total-steps={args.total_steps}: must be > 0", EXIT_USAGE)
-    cfg = build_config(overrides=_overrides(args, MASK_FLAGS), preset=None).mask
+        fail(f"--total-steps={args.total_steps}: must be > 0", EXIT_USAGE)
+    cfg = build_config(overrides=_passed(args, SCHEDULE_FLAGS), preset=None).mask
     rows = schedule_table(args.total_steps, cfg, args.points)
     if args.json:
         print(json.dumps({"scheduler": cfg.scheduler, "start": cfg.start, "end": cfg.end, "ramp": cfg.ramp,
@@ -317,11 +245,11 @@ def cmd_projector_train(args: argparse.Namespace) -> int:
     try:
         cfg.validate()
     except ValueError as err:
-        _fail(str(err), EXIT_USAGE)
+        fail(str(err), EXIT_USAGE)
     from lmd.projector import BUNDLED_WEIGHTS
 
     if not args.out and cfg.name not in BUNDLED_WEIGHTS:
-        _fail(f"--name={cfg.name}: not a shipped projector ({', '.join(BUNDLED_WEIGHTS)}); pass --out FILE", EXIT_USAGE)
+        fail(f"--name={cfg.name}: not a shipped projector ({', '.join(BUNDLED_WEIGHTS)}); pass --out FILE", EXIT_USAGE)
     out = Path(args.out) if args.out else bundled_weights_path(cfg.name)
     card = train_projector(cfg, out, resolve_device(args.device))
     print(json.dumps({"out": str(out), **{k: v for k, v in card.items() if k.startswith("heldout") or k in
@@ -343,7 +271,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import torch
 
     from lmd.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    from lmd.config import TrainConfig
     from lmd.data.images import ImageSourceError
     from lmd.data.latents import probe_set, resolve_store
     from lmd.data.store import StoreError
@@ -355,9 +282,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     target = Path(args.target)
     ckpt = latest_checkpoint(target / CHECKPOINT_DIR) if (target / CHECKPOINT_DIR).is_dir() else target
     if ckpt is None or not (ckpt / "manifest.json").is_file():
-        _fail(f"{target}: neither a run directory with checkpoints nor a checkpoint folder", EXIT_RUNTIME)
+        fail(f"{target}: neither a run directory with checkpoints nor a checkpoint folder", EXIT_RUNTIME)
     if args.num_probe is not None and args.num_probe < 10:
-        _fail(f"--num-probe={args.num_probe}: must be >= 10", EXIT_USAGE)
+        fail(f"--num-probe={args.num_probe}: must be >= 10", EXIT_USAGE)
     try:
         state, manifest = load_checkpoint(ckpt)
         cfg = TrainConfig.from_dict(manifest["config"])
@@ -380,13 +307,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
             out["random_encoder_probe_acc"] = linear_probe(build_model(cfg.model), probe).accuracy
             out["raw_input_probe_acc"] = raw_probe(probe).accuracy
     except (CheckpointError, StoreError, ProjectorError, ImageSourceError) as err:
-        _fail(str(err), EXIT_RUNTIME)
+        fail(str(err), EXIT_RUNTIME)
     print(json.dumps(out))
     return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from lmd.model import PRESETS, param_count, train_flops_per_sample
+    from lmd.model import param_count, train_flops_per_sample
 
     rows = [{"preset": name, "params": param_count(cfg), "tokens": cfg.num_patches,
              "patch_dim": cfg.patch_dim, "latent": f"{cfg.in_chans}x{cfg.latent_size}x{cfg.latent_size}",
@@ -410,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except ConfigError as err:
-        _fail(str(err), EXIT_USAGE)
+        fail(str(err), EXIT_USAGE)
+    except ClusterUnreachable as err:
+        fail(str(err), EXIT_RUNTIME)
 
 
 if __name__ == "__main__":

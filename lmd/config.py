@@ -2,10 +2,13 @@
 
 Everything a run needs is one `TrainConfig` made of five frozen sections (model, mask, optim,
 data, run). Configs are built in one place, `build_config`, from three layers applied in order:
-the model preset, a YAML/JSON file, then dotted overrides such as ``{"mask.end": 0.9}`` (what the
-CLI produces). Every value is type-checked and range-checked there, and any problem raises
+the model preset (`PRESETS`), a YAML/JSON file, then dotted overrides such as ``{"mask.end": 0.9}``
+(what the CLI produces). Every value is type-checked and range-checked there, and any problem raises
 `ConfigError` whose message names the field and the offending value, so the CLI can print one
 line instead of a traceback.
+
+A field that is also a command-line flag is declared with `option`, next to its default; `lmd train`
+builds its parser and its overrides from `cli_flags`, so each flag is written once.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -31,20 +35,56 @@ DEFAULT_PROJECTOR = "lmd-f8c4"  # the shipped photo projector
 # The shipped projector made for a dataset: what `data.projector` defaults to when the dataset has one.
 DATASET_PROJECTORS = {"fashion-mnist": "lmd-f8c4-fmnist"}
 LATENT_FACTOR = 8  # presets describe f8 latents: latent_size * 8 = image resolution
+DEFAULT_PRESET = "tiny"
+_KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+_OPTION = "lmd.option"  # the dataclasses.field metadata key of a field's command-line flag
 
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the field/file and value."""
 
 
+class Flag(NamedTuple):
+    """A config field's command-line flag, as `cli_flags` reports it."""
+
+    dotted: str  # the field it sets: mask.end
+    kind: type  # int, float, str or bool (a bool is a switch: passing it sets True)
+    help: str
+    metavar: str | None = None
+
+
+def option(default: Any, flag: str, help: str, metavar: str | None = None) -> Any:
+    """A dataclass field that is also the flag `flag`; ``{default}`` in `help` shows the default."""
+    return field(default=default, metadata={_OPTION: (flag, help.format(default=default), metavar)})
+
+
+def cli_flags(sections: Mapping[str, type]) -> dict[str, Flag]:
+    """Flag -> the field it sets, for each field of `sections` declared with `option`; no flag twice."""
+    flags: dict[str, Flag] = {}
+    for section, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            if _OPTION not in f.metadata:
+                continue
+            flag, help, metavar = f.metadata[_OPTION]
+            if flag in flags:
+                raise TypeError(f"{flag} is declared by both {flags[flag].dotted} and {section}.{f.name}")
+            kind = _KINDS[f.type] if isinstance(f.type, str) else f.type
+            flags[flag] = Flag(f"{section}.{f.name}", kind, help, metavar)
+    return flags
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the masked latent transformer (defaults: the official base_p4)."""
+    """Architecture of the masked latent transformer: a preset (`PRESETS`), then any field overridden.
 
-    preset: str = "custom"  # informational: which registry entry this came from
-    latent_size: int = 28  # latent grid side (224 px / f8)
-    in_chans: int = 4  # latent channels (4 for an f8c4 projector, 3 in pixel space)
-    patch_size: int = 4
+    The field defaults are the official base_p4; `build_config` starts from the tiny preset unless told.
+    """
+
+    # Once built, informational: which registry entry this came from.
+    preset: str = option("custom", "--preset", f"model preset (see `lmd presets`); default {DEFAULT_PRESET}")
+    latent_size: int = option(28, "--latent-size", "latent grid side (overrides the preset)")  # 224 px / f8
+    in_chans: int = option(4, "--in-chans", "latent channels (overrides the preset; 4 for f8c4, 3 in pixel space)")
+    patch_size: int = option(4, "--patch-size", "patch side in latent pixels (overrides the preset)")
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -55,7 +95,7 @@ class ModelConfig:
     # Per-patch normalised targets (official "norm_pix"). Off by default: raw targets keep the
     # eval MSE (and decoded PSNR) comparable across latent and pixel variants without borrowing
     # the hidden patch's own statistics.
-    norm_target: bool = False
+    norm_target: bool = option(False, "--norm-target", "per-patch normalised targets")
 
     @property
     def num_patches(self) -> int:
@@ -89,11 +129,14 @@ class ModelConfig:
 class MaskConfig:
     """Mask-ratio schedule: ratio rises from `start` to `end` over `ramp` of the steps, then holds."""
 
-    scheduler: str = "cosine"
-    start: float = 0.15
-    end: float = 0.75
-    ramp: float = 2 / 3
-    eval_ratio: float = 0.75  # the fixed ratio every variant is also evaluated at
+    # No argparse `choices`: validate() checks them, so the message names the field (mask.scheduler).
+    scheduler: str = option("cosine", "--scheduler", f"mask-ratio scheduler: {', '.join(SCHEDULERS)} (default "
+                            "{default})")
+    start: float = option(0.15, "--mask-start", "initial mask ratio (default {default})", "F")
+    end: float = option(0.75, "--mask-end", "final mask ratio (default {default})", "F")
+    ramp: float = option(2 / 3, "--mask-ramp", "fraction of steps to reach the end (default {default:.3g})", "F")
+    eval_ratio: float = option(0.75, "--eval-ratio", "fixed ratio every variant is also evaluated at (default "
+                               "{default})", "F")
 
     def validate(self) -> None:
         _require(self.scheduler in SCHEDULERS, "mask.scheduler", self.scheduler,
@@ -109,12 +152,12 @@ class MaskConfig:
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to `min_lr`."""
 
-    lr: float = 1e-3
+    lr: float = option(1e-3, "--lr", "peak learning rate (default {default})")
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95  # MAE's choice: steadier than 0.999 for masked-token pre-training
-    warmup_steps: int = 20
+    warmup_steps: int = option(20, "--warmup-steps", "linear warm-up steps (default {default})")
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
     def validate(self) -> None:
@@ -138,18 +181,22 @@ class DataConfig:
     images and projector altogether.
     """
 
-    dataset: str = "bundled"
-    projector: str = DEFAULT_PROJECTOR  # default: the dataset's own shipped projector (DATASET_PROJECTORS), if any
-    resolution: int = 0  # image side in pixels; 0 = the model preset's latent_size * 8
-    latents: str = ""  # a store made by `lmd precompute` (with train/ and val/); "" = the cached default
-    loader: str = "auto"
+    dataset: str = option("bundled", "--dataset", "{default} (default), fashion-mnist, mnist, synthetic, or a "
+                          "directory of images")
+    # Default: the dataset's own shipped projector (DATASET_PROJECTORS), if any.
+    projector: str = option(DEFAULT_PROJECTOR, "--projector", "{default} (default; fashion-mnist: lmd-f8c4-fmnist), "
+                            "identity (pixel space), taesd:DIR, sdvae:DIR or a file")
+    resolution: int = option(0, "--resolution", "image side in pixels (default: preset latent_size x 8)")  # 0: that
+    # A store made by `lmd precompute` (with train/ and val/); "" = the cached default.
+    latents: str = option("", "--latents", "store from `lmd precompute` (default: a cached one)", "DIR")
+    loader: str = option("auto", "--loader", "auto (default: memory if it fits, else Ray Data), ray or memory")
     memory_limit_mb: int = 2048
-    batch_size: int = 64
-    num_train: int = 2048
-    num_val: int = 256
+    batch_size: int = option(64, "--batch-size", "global batch size (default {default})")
+    num_train: int = option(2048, "--num-train", "training images (crops for the bundled photos; default {default})")
+    num_val: int = option(256, "--num-val", "held-out images (default {default})")
     # Labelled training items the linear probe is fit on (scored on the num_val held-out items) at
     # every evaluation; 0 turns the probe off. Unlabelled stores have no probe.
-    num_probe: int = 2048
+    num_probe: int = option(2048, "--num-probe", "labelled items the probe is fit on (0 = off; default {default})")
 
     def validate(self) -> None:
         _require(self.dataset in DATASETS or Path(self.dataset).is_dir(), "data.dataset", self.dataset,
@@ -171,15 +218,16 @@ class DataConfig:
 class RunConfig:
     """Length, seed, logging, evaluation, checkpointing and device of one run."""
 
-    steps: int = 200
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 50
-    ckpt_every: int = 100
-    keep_last: int = 3
-    device: str = "auto"
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    steps: int = option(200, "--steps", "total optimisation steps (sets the schedules' length; default {default})")
+    seed: int = option(0, "--seed", "random seed (default {default})")
+    log_every: int = option(10, "--log-every", "steps between logged metrics (default {default})")
+    eval_every: int = option(50, "--eval-every", "steps between evaluations (default {default})")
+    ckpt_every: int = option(100, "--ckpt-every", "steps between checkpoints (default {default})")
+    keep_last: int = option(3, "--keep-last", "checkpoints to keep (default {default})")
+    device: str = option("auto", "--device", f"{', '.join(DEVICES)} (default {{default}})")
+    precision: str = option("auto", "--precision", f"{', '.join(PRECISIONS)} (default {{default}}: bf16 autocast on "
+                            "CUDA, fp32 on CPU)")
+    compile: bool = option(False, "--compile", "torch.compile the model")
 
     def validate(self) -> None:
         _require(self.steps > 0, "run.steps", self.steps, "must be > 0")
@@ -217,14 +265,17 @@ class TrainConfig:
 class ClusterConfig:
     """How to place the run on Ray (validated here, at the edge, like TrainConfig)."""
 
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    storage: str = "runs/ray"  # local path or URI (s3://bucket/prefix) shared by all nodes
-    name: str = ""
-    max_failures: int = 2
-    spread: bool = False  # place workers on different nodes
-    keep_best: bool = False  # keep checkpoints by lowest val_masked_mse_fixed instead of the newest
+    # Passing --workers is what selects Ray Train: without it `lmd train` is one process.
+    workers: int = option(1, "--workers", "train with Ray Train on this many workers (default: one process)")
+    gpus_per_worker: float = option(0.0, "--gpus-per-worker", "GPUs each worker reserves (default {default})")
+    cpus_per_worker: float = option(1.0, "--cpus-per-worker", "CPUs each worker reserves (default {default})")
+    storage: str = option("runs/ray", "--storage", "run storage shared by all nodes: a path or s3://bucket/prefix "
+                          "(default {default})")
+    name: str = option("", "--name", "run name (default lmd-<preset>-<scheduler>-s<seed>)")
+    max_failures: int = option(2, "--max-failures", "worker failures to recover from (default {default})")
+    spread: bool = option(False, "--spread", "place each worker on a different node")
+    keep_best: bool = option(False, "--keep-best", "keep the checkpoints of lowest val_masked_mse_fixed, not the "
+                             "newest")
 
     def validate(self, cfg: TrainConfig) -> None:
         if self.workers < 1:
@@ -241,6 +292,27 @@ class ClusterConfig:
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "mask": MaskConfig, "optim": OptimConfig,
                              "data": DataConfig, "run": RunConfig}
+
+# Model presets (DiT-style registry; `lmd presets` lists them with size and cost). latent_size / in_chans
+# describe the input (an f8c4 latent); override them for other resolutions or for pixel space.
+PRESETS: dict[str, ModelConfig] = {
+    # CPU unit tests: a forward/backward in milliseconds.
+    "tiny": ModelConfig(preset="tiny", latent_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    # The ablation's default (Fashion-MNIST at 32 px): a 4x4x4 latent, 16 tokens of 4 values; in pixel
+    # space MAE-style 4 px patches give 64 tokens (4x, as ViT-B/16 at 224 px has 4x LMD's 49).
+    "mini_p1": ModelConfig(preset="mini_p1", latent_size=4, patch_size=1, embed_dim=128, depth=4, num_heads=4,
+                           decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2),
+    # CPU ablations in minutes: 64 tokens of a 16x16x4 latent (128 px images).
+    "small": ModelConfig(preset="small", latent_size=16, patch_size=2, embed_dim=192, depth=6, num_heads=3,
+                         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    # Official LMD: 224 px -> 28x28x4 latent, patch 4 -> 49 tokens of 64 values; ViT-B encoder.
+    "base_p4": ModelConfig(preset="base_p4", latent_size=28, patch_size=4, embed_dim=768, depth=12,
+                           num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    # ViT-L encoder on the same tokens.
+    "large": ModelConfig(preset="large", latent_size=28, patch_size=4, embed_dim=1024, depth=24,
+                         num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+}
 
 
 def _require(ok: bool, name: str, value: Any, reason: str) -> None:
@@ -262,7 +334,7 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     """Check `value` against a field's annotated type; ints are accepted where floats are."""
     if isinstance(kind, str):  # annotations are strings under `from __future__ import annotations`
-        kind = {"int": int, "float": float, "bool": bool, "str": str}[kind]
+        kind = _KINDS[kind]
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -312,7 +384,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def build_config(
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
-    preset: str | None = "tiny",
+    preset: str | None = DEFAULT_PRESET,
 ) -> TrainConfig:
     """Preset -> file -> dotted overrides, then validate. Raises ConfigError naming the field.
 
@@ -326,8 +398,6 @@ def build_config(
 
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if preset is not None:
-        from lmd.model import PRESETS  # local import: the registry lives with the model
-
         if preset not in PRESETS:
             raise ConfigError(f"model.preset={preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
         sections["model"] = dataclasses.asdict(PRESETS[preset])

@@ -6,8 +6,8 @@ its own sin-cos positions *added* (the official code subtracts them, a bug), pre
 patch. Loss: MSE on the masked patches only. Attention uses `scaled_dot_product_attention`, so
 PyTorch picks the flash / memory-efficient kernel on GPU.
 
-Presets live in `PRESETS` (DiT-style registry); `param_count` and `train_flops_per_sample` give the
-figures that MFU is computed from.
+Its size presets live with the configs (`lmd.config.PRESETS`); `param_count` and
+`train_flops_per_sample` give the figures that MFU is computed from.
 """
 
 from __future__ import annotations
@@ -19,31 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmd.config import PRESETS as PRESETS  # re-exported only for lmd/experiments/ablation.py's import
 from lmd.config import ModelConfig
 from lmd.masking import num_visible, random_masking
-
-# --------------------------------------------------------------------------------------------
-# Presets. latent_size / in_chans describe the input (an f8c4 latent); override them for other
-# resolutions or for pixel space. base_p4 is the official LMD configuration.
-# --------------------------------------------------------------------------------------------
-PRESETS: dict[str, ModelConfig] = {
-    # CPU unit tests: a forward/backward in milliseconds.
-    "tiny": ModelConfig(preset="tiny", latent_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
-                        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
-    # The ablation's default (Fashion-MNIST at 32 px): a 4x4x4 latent, 16 tokens of 4 values; in pixel
-    # space MAE-style 4 px patches give 64 tokens (4x, as ViT-B/16 at 224 px has 4x LMD's 49).
-    "mini_p1": ModelConfig(preset="mini_p1", latent_size=4, patch_size=1, embed_dim=128, depth=4, num_heads=4,
-                           decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2),
-    # CPU ablations in minutes: 64 tokens of a 16x16x4 latent (128 px images).
-    "small": ModelConfig(preset="small", latent_size=16, patch_size=2, embed_dim=192, depth=6, num_heads=3,
-                         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-    # Official LMD: 224 px -> 28x28x4 latent, patch 4 -> 49 tokens of 64 values; ViT-B encoder.
-    "base_p4": ModelConfig(preset="base_p4", latent_size=28, patch_size=4, embed_dim=768, depth=12,
-                           num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    # ViT-L encoder on the same tokens.
-    "large": ModelConfig(preset="large", latent_size=28, patch_size=4, embed_dim=1024, depth=24,
-                         num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-}
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from lmd.cli import main
-from lmd.config import ConfigError, TrainConfig, build_config, config_diff
+from lmd.cli import CLUSTER_FLAGS, SCHEDULE_FLAGS, TRAIN_FLAGS, _cluster, _parser, _passed, main
+from lmd.config import SECTIONS, ClusterConfig, ConfigError, TrainConfig, build_config, cli_flags, config_diff, option
 
 
 def _cli_error(capsys, argv) -> str:
@@ -115,3 +116,98 @@ def test_real_process_prints_one_line_and_no_traceback(argv):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("lmd: error: ")
+
+
+# A valid value, different from the tiny build's, for every field that has a flag. A new flag fails
+# test_every_flagged_field_has_a_sample until it gets one here, so no flag goes untested.
+SAMPLES = {
+    "model.preset": "small", "model.latent_size": 32, "model.in_chans": 3, "model.patch_size": 8,
+    "model.norm_target": True, "mask.scheduler": "uniform", "mask.start": 0.2, "mask.end": 0.9,
+    "mask.ramp": 0.5, "mask.eval_ratio": 0.6, "optim.lr": 0.002, "optim.warmup_steps": 7,
+    "data.dataset": "synthetic", "data.projector": "identity", "data.resolution": 64, "data.latents": "<tmp>",
+    "data.loader": "memory", "data.batch_size": 32, "data.num_train": 512, "data.num_val": 32,
+    "data.num_probe": 20, "run.steps": 7, "run.seed": 3, "run.log_every": 2, "run.eval_every": 3,
+    "run.ckpt_every": 4, "run.keep_last": 5, "run.device": "cpu", "run.precision": "fp32", "run.compile": True,
+    "cluster.workers": 2, "cluster.gpus_per_worker": 0.5, "cluster.cpus_per_worker": 2.0,
+    "cluster.storage": "s3://bucket/runs", "cluster.name": "exp", "cluster.max_failures": 0,
+    "cluster.spread": True, "cluster.keep_best": True,
+}
+
+
+def _argv(flag: str, value: object) -> list[str]:
+    return [flag] if value is True else [flag, str(value)]
+
+
+def _train_help(capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_flagged_field_has_a_sample():
+    flagged = {f.dotted for f in [*TRAIN_FLAGS.values(), *CLUSTER_FLAGS.values()]}
+    assert flagged == set(SAMPLES)
+    for f in [*TRAIN_FLAGS.values(), *CLUSTER_FLAGS.values()]:
+        assert type(SAMPLES[f.dotted]) is f.kind, f.dotted
+
+
+@pytest.mark.parametrize("flag", list(TRAIN_FLAGS))
+def test_train_flag_is_in_help_and_sets_its_field(capsys, tmp_path, flag):
+    dotted = TRAIN_FLAGS[flag].dotted
+    value = str(tmp_path) if SAMPLES[dotted] == "<tmp>" else SAMPLES[dotted]
+    assert f"  {flag}" in _train_help(capsys) and TRAIN_FLAGS[flag].help
+    args = _parser().parse_args(["train", *_argv(flag, value)])
+    assert _passed(args, TRAIN_FLAGS) == {dotted: value}  # only the flag passed becomes an override
+    section, _, name = dotted.partition(".")
+    assert getattr(getattr(build_config(args.config, _passed(args, TRAIN_FLAGS)), section), name) == value
+    assert getattr(getattr(build_config(), section), name) != value  # so a wrongly mapped flag would fail
+
+
+@pytest.mark.parametrize("flag", list(CLUSTER_FLAGS))
+def test_ray_train_flag_is_in_help_and_sets_its_cluster_field(capsys, flag):
+    name = CLUSTER_FLAGS[flag].dotted.removeprefix("cluster.")
+    value = SAMPLES[CLUSTER_FLAGS[flag].dotted]
+    assert f"  {flag}" in _train_help(capsys) and CLUSTER_FLAGS[flag].help
+    cluster = _cluster(_parser().parse_args(["train", "--workers", "3", *_argv(flag, value)]))
+    assert getattr(cluster, name) == value and getattr(ClusterConfig(), name) != value
+
+
+def test_without_workers_there_is_no_ray_train_and_no_override():
+    args = _parser().parse_args(["train", "--gpus-per-worker", "1"])
+    assert _cluster(args) is None and _passed(args, TRAIN_FLAGS) == {}
+
+
+def test_schedule_takes_the_mask_schedule_flags_only(capsys):
+    assert {f.dotted for f in SCHEDULE_FLAGS.values()} == {"mask.scheduler", "mask.start", "mask.end", "mask.ramp"}
+    args = _parser().parse_args(["schedule", "--total-steps", "5", "--mask-end", "0.9"])
+    assert _passed(args, SCHEDULE_FLAGS) == {"mask.end": 0.9}
+    assert "--eval-ratio" in _cli_error(capsys, ["schedule", "--total-steps", "5", "--eval-ratio", "0.5"])
+
+
+def test_no_flag_is_defined_twice():
+    flags = [*TRAIN_FLAGS, *CLUSTER_FLAGS]
+    assert len(flags) == len(set(flags))
+    fields = [f.dotted for f in [*TRAIN_FLAGS.values(), *CLUSTER_FLAGS.values()]]
+    assert len(fields) == len(set(fields))  # one-to-one: no field has two flags either
+    assert set(TRAIN_FLAGS) == set(cli_flags(SECTIONS))  # the parser's flags are the config's, no others
+    _parser()  # argparse itself refuses a flag added twice (hand-written --config/--address included)
+
+
+def test_a_flag_declared_by_two_fields_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class A:
+        x: int = option(1, "--x", "one")
+
+    @dataclasses.dataclass(frozen=True)
+    class B:
+        y: int = option(2, "--x", "two")
+
+    with pytest.raises(TypeError, match=r"--x is declared by both a\.x and b\.y"):
+        cli_flags({"a": A, "b": B})
+
+
+def test_config_imports_neither_the_model_nor_torch():
+    code = "import lmd.config, sys; assert not {'torch', 'lmd.model'} & set(sys.modules), sorted(sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]

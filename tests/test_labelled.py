@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from lmd.config import PRESETS
 from lmd.data.images import FashionMNIST, ImageFolder, ImageSourceError, image_source
 from lmd.data.latents import build_store, probe_set
 from lmd.data.memory import InMemoryLatents
 from lmd.data.store import StoreError, read_labels, read_manifest, read_store
 from lmd.evaluation import reconstruction_psnr
 from lmd.experiments.references import fill_psnr
-from lmd.model import PRESETS, build_model
+from lmd.model import build_model
 from lmd.probe import linear_probe, raw_probe, ridge_probe
 from lmd.projector import IdentityProjector, load_projector
 from tests.conftest import tiny_config

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmd.config import ModelConfig
+from lmd.config import PRESETS, ModelConfig
 from lmd.masking import num_visible
 from lmd.model import (
-    PRESETS,
     MaskedLatentTransformer,
     forward_flops_per_sample,
     param_count,
