@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from lmd.config import build_config
+from lmd.config import PRESETS, build_config
 from lmd.flops import device_peak_flops
-from lmd.model import PRESETS, param_count, train_flops_per_sample
+from lmd.model import param_count, train_flops_per_sample
 from lmd.runtime import local_engine
 
 

@@ -232,7 +232,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_projector_train(args: argparse.Namespace) -> int:
-    from lmd.engine import resolve_device
+    from lmd.device import resolve_device
     from lmd.projector import bundled_weights_path
     from lmd.projector.train import ProjectorTrainConfig, train_projector
 
