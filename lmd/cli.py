@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, Flag, TrainConfig, build_config, cli_flags
-from lmd.entry import EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, check_reachable, fail, init_ray
+from lmd.entry import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, check_reachable, fail, init_ray
 
 # Flag -> the field it sets, read from the config classes' declarations: a flag is written once, there.
 TRAIN_FLAGS: dict[str, Flag] = cli_flags(SECTIONS)
@@ -157,7 +157,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         _shutdown_ray()
     print(json.dumps({"run_dir": str(run_dir), "step": result.step, "final_loss": result.final_loss,
-                      "checkpoint": str(result.last_checkpoint), "metrics": str(result.metrics_path)}))
+                      "checkpoint": str(result.last_checkpoint), "metrics": str(result.metrics_path),
+                      "preempted": result.preempted}))
+    if result.preempted:  # a scheduler must tell "stopped, resume me" from "finished"
+        print(f"lmd: preempted at step {result.step}: checkpointed; continue with --resume --run-dir {run_dir}",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -87,6 +87,7 @@ class FitResult:
     final_loss: float
     last_checkpoint: Path | None
     metrics_path: Path
+    preempted: bool = False  # stopped early by request_stop (SIGTERM): checkpointed, resumable, not finished
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -425,4 +426,4 @@ class Engine:
                     if self.rank == 0:
                         log.info("stop requested: checkpointed at step %d", self.step)
                     break
-        return FitResult(self.step, last_loss, last_ckpt, self.metrics_path)
+        return FitResult(self.step, last_loss, last_ckpt, self.metrics_path, preempted=self.step < end)

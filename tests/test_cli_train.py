@@ -80,3 +80,27 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "a step was logged twice after the resume"
+
+
+def test_sigterm_checkpoints_and_exits_as_preempted_then_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--steps", "300", "--log-every", "5", "--ckpt-every", "1000",
+            "--eval-every", "1000", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "lmd.cli", *args], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never logged a row"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err  # preempted: neither finished (0) nor failed (1)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["preempted"] is True and 0 < summary["step"] < 300
+    assert f"preempted at step {summary['step']}" in err
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{summary['step']:08d}"
+    resumed = _lmd(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1]) | {"final_loss": None} == {
+        **summary, "step": 300, "preempted": False, "final_loss": None,
+        "checkpoint": str(run_dir / "checkpoints" / "step_00000300")}
