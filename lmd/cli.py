@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, Flag, TrainConfig, build_config, cli_flags
+from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, TrainConfig, build_config
 from lmd.entry import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, check_reachable, fail, init_ray
+from lmd.options import Flag, cli_flags
 
 # Flag -> the field it sets, read from the config classes' declarations: a flag is written once, there.
 TRAIN_FLAGS: dict[str, Flag] = cli_flags(SECTIONS)

@@ -7,8 +7,8 @@ the model preset (`PRESETS`), a YAML/JSON file, then dotted overrides such as ``
 `ConfigError` whose message names the field and the offending value, so the CLI can print one
 line instead of a traceback.
 
-A field that is also a command-line flag is declared with `option`, next to its default; `lmd train`
-builds its parser and its overrides from `cli_flags`, so each flag is written once.
+A field that is also a command-line flag is declared with `option` (lmd/options.py), next to its
+default; `lmd train` builds its parser and its overrides from `cli_flags`, so each flag is written once.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
+
+from lmd.options import FIELD_TYPES, option
 
 SCHEDULERS = ("uniform", "piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,41 +37,10 @@ DEFAULT_PROJECTOR = "lmd-f8c4"  # the shipped photo projector
 DATASET_PROJECTORS = {"fashion-mnist": "lmd-f8c4-fmnist"}
 LATENT_FACTOR = 8  # presets describe f8 latents: latent_size * 8 = image resolution
 DEFAULT_PRESET = "tiny"
-_KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
-_OPTION = "lmd.option"  # the dataclasses.field metadata key of a field's command-line flag
 
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the field/file and value."""
-
-
-class Flag(NamedTuple):
-    """A config field's command-line flag, as `cli_flags` reports it."""
-
-    dotted: str  # the field it sets: mask.end
-    kind: type  # int, float, str or bool (a bool is a switch: passing it sets True)
-    help: str
-    metavar: str | None = None
-
-
-def option(default: Any, flag: str, help: str, metavar: str | None = None) -> Any:
-    """A dataclass field that is also the flag `flag`; ``{default}`` in `help` shows the default."""
-    return field(default=default, metadata={_OPTION: (flag, help.format(default=default), metavar)})
-
-
-def cli_flags(sections: Mapping[str, type]) -> dict[str, Flag]:
-    """Flag -> the field it sets, for each field of `sections` declared with `option`; no flag twice."""
-    flags: dict[str, Flag] = {}
-    for section, cls in sections.items():
-        for f in dataclasses.fields(cls):
-            if _OPTION not in f.metadata:
-                continue
-            flag, help, metavar = f.metadata[_OPTION]
-            if flag in flags:
-                raise TypeError(f"{flag} is declared by both {flags[flag].dotted} and {section}.{f.name}")
-            kind = _KINDS[f.type] if isinstance(f.type, str) else f.type
-            flags[flag] = Flag(f"{section}.{f.name}", kind, help, metavar)
-    return flags
 
 
 @dataclass(frozen=True)
@@ -334,7 +304,7 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     """Check `value` against a field's annotated type; ints are accepted where floats are."""
     if isinstance(kind, str):  # annotations are strings under `from __future__ import annotations`
-        kind = _KINDS[kind]
+        kind = FIELD_TYPES[kind]
     if kind is bool:
         if isinstance(value, bool):
             return value

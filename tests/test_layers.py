@@ -9,6 +9,7 @@ import sys
 # Imported in this order in one fresh process, each checked right after its import: the torch-free
 # modules first (so nothing imported earlier can hide a torch import), then the Ray-free ones.
 RULES = [
+    ("lmd.options", {"torch", "ray"}),
     ("lmd.config", {"torch", "ray"}),
     ("lmd.io", {"torch", "ray"}),
     ("lmd.entry", {"torch", "ray"}),
