@@ -206,6 +206,38 @@ def test_the_search_space_samples_scalars_and_returns_their_trial_spec():
     assert seen == {"cosine", "constant"}
 
 
+def _define_by_run(trial: optuna.Trial) -> None:
+    trial.suggest_categorical("scheduler", ["cosine", "constant"])
+    trial.suggest_float("lr", 1e-4, 1e-3, log=True)
+
+
+def test_a_resumed_search_gives_the_optuna_trial_its_killed_driver_asked_to_the_next_tune_trial(tmp_path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from lmd.experiments.search import ResumableOptunaSearch
+
+    def searcher() -> ResumableOptunaSearch:
+        journal = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+        return ResumableOptunaSearch(_define_by_run, metric="val_psnr", mode="max", study_name="search",
+                                     storage=journal, sampler=optuna.samplers.TPESampler(seed=0))
+
+    first = searcher()
+    first.suggest("t0"), first.suggest("t1")
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
+    asked = first.suggest("t2")  # asked, then the driver is killed before Tune saves again
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert resumed.suggest("t3") == asked  # the orphan, its values replayed
+    resumed.suggest("t4")
+    for tune_trial in ("t0", "t1", "t3", "t4"):  # every Tune trial of the resumed search ends
+        resumed.on_trial_complete(tune_trial, {"val_psnr": 10.0, "training_iteration": 1})
+    trials = optuna.load_study(study_name="search", storage=JournalStorage(
+        JournalFileBackend(str(tmp_path / "optuna.journal")))).get_trials(deepcopy=False)
+    # t0, t1, t2 = t3, t4: one Optuna trial per Tune trial, none left RUNNING without one.
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
 def test_both_scripts_share_the_placement_and_data_flags():
     ablation, search = (tune_script(name).parse_args([]) for name in ("ablation", "search"))
     shared = ("preset", "dataset", "projector", "resolution", "batch_size", "num_train", "num_val", "num_probe",
@@ -273,11 +305,16 @@ def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
     experiment, deadline = tmp_path / "ablation", time.monotonic() + 300
 
     def finished_trials() -> set[str]:
+        """Trial folders Tune's experiment state (what a resume reads) records as finished. A trial whose last
+        row is written but whose end Tune had not saved before the kill is unfinished, and rightly resumed."""
         done = set()
-        for result in experiment.glob("*/result.json"):
-            lines = result.read_text().splitlines()
-            if lines and json.loads(lines[-1]).get("step") == 40:
-                done.add(result.parent.name)
+        for state in experiment.glob("experiment_state-*.json"):
+            try:
+                trials = json.loads(state.read_text())["trial_data"]
+            except (ValueError, KeyError):  # being replaced
+                continue
+            done |= {t["relative_logdir"] for t in map(json.loads, (data for data, _ in trials))
+                     if t["status"] == "TERMINATED"}
         return done
 
     while not finished_trials() and time.monotonic() < deadline:

@@ -30,11 +30,10 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from lmd.config import build_config
 from lmd.experiments.driver import ExperimentSpec, check_start, finish, fit, usage_errors, write_results
-from lmd.experiments.search import JOURNAL_FILE, best_trial, check_search, search_base
+from lmd.experiments.search import JOURNAL_FILE, ResumableOptunaSearch, best_trial, check_search, search_base
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec, concurrent_trials, trial_dirname
 
 PROG = "search"
@@ -138,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def new_tuner(trainable: type[tune.Trainable]) -> tune.Tuner:
         journal = JournalStorage(JournalFileBackend(str(exp.folder / JOURNAL_FILE)))
-        searcher = OptunaSearch(space, metric=args.metric, mode=MODE, study_name=exp.name, storage=journal,
-                                sampler=optuna.samplers.TPESampler(seed=args.seed))
+        # OptunaSearch that, resumed, reuses the Optuna trials a killed driver had asked for but Tune never saved.
+        searcher = ResumableOptunaSearch(space, metric=args.metric, mode=MODE, study_name=exp.name, storage=journal,
+                                         sampler=optuna.samplers.TPESampler(seed=args.seed))
         scheduler = ASHAScheduler(time_attr="step", max_t=args.budget,
                                   grace_period=min(args.budget, 2 * args.eval_every), reduction_factor=2)
         return tune.Tuner(

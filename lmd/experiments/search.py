@@ -2,7 +2,8 @@
 
 tune/search.py holds the flags, the Optuna define-by-run space and the Tuner (OptunaSearch with
 TPE, ASHA). The Optuna study lives in a journal file next to the Tune results (JOURNAL_FILE), so
-`optuna-dashboard <storage>/<name>/optuna.journal` opens it and a resumed search keeps one study.
+`optuna-dashboard <storage>/<name>/optuna.journal` opens it and a resumed search keeps one study,
+with one Optuna trial per Tune trial (ResumableOptunaSearch).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
 
 from lmd.config import ConfigError, build_config
 from lmd.experiments.driver import ExperimentSpec, build_stores
@@ -57,3 +61,28 @@ def best_trial(results: Any, metric: str, mode: str) -> str:
     value = best.metrics.get(metric) if best.metrics else None
     sampled = {k: v for k, v in best.config.items() if k != "trial"}  # "trial": the TrialSpec built from them
     return f"best {metric}={value if value is not None else math.nan:.3f} with {sampled}"
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch whose resume hands out the Optuna trials asked but never saved in Tune's state.
+
+    Tune asks the searcher for a trial and saves its own state (trials, searcher) a moment later; a
+    driver killed in between leaves a RUNNING trial in the study's journal that no Tune trial knows.
+    Plain OptunaSearch asks a new one on resume, so the study holds that orphan for ever; this one
+    gives the orphan to the next new Tune trial, and Optuna replays its values (a parameter already
+    suggested in a trial keeps its value).
+    """
+
+    _orphans: tuple[int, ...] = ()  # Optuna trial ids asked before the restore, known to no Tune trial
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {trial._trial_id for trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        self._orphans = tuple(t._trial_id for t in running if t._trial_id not in known)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if trial_id not in self._ot_trials and self._orphans:
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._orphans[0])
+            self._orphans = self._orphans[1:]
+        return super().suggest(trial_id)
