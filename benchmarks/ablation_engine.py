@@ -14,6 +14,7 @@ For machines where Ray cannot run (the lent GPU machines carry no Ray) and for q
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -23,12 +24,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lmd.config import TrainConfig
-from lmd.experiments.ablation import BASELINE, budget_record, budget_steps, format_budget, parse_args, trial_configs
+from lmd.experiments.ablation import budget_record, budget_steps, format_budget, trial_specs
 from lmd.experiments.references import compute_references
 from lmd.experiments.results import write_table
-from lmd.experiments.summary import format_summary, summarize
+from lmd.experiments.summary import BASELINE, format_summary, summarize
 from lmd.runtime import local_engine
+
+
+def ablation_script():
+    """tune/ablation.py as a module: its variants table and flags define the trials (it imports Ray only in main)."""
+    path = Path(__file__).resolve().parent.parent / "tune" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("ablation_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,21 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("--device", default="auto", help="auto, cpu or cuda")
     own.add_argument("--out", default="", help="write results.parquet here")
     mine, rest = own.parse_known_args(argv)
-    args = parse_args(rest)
+    script = ablation_script()
+    exp, spec = script.experiment(script.parse_args(rest))
     device = mine.device if mine.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    steps = budget_steps(args)
-    trials = trial_configs(args, steps)
-    print(format_budget(budget_record(args, trials)), flush=True)
-    configs = {t["variant"]: TrainConfig.from_dict(t["cfg"]) for t in trials if t["seed"] == 0}
+    steps = budget_steps(spec, exp.placement())
+    trials = trial_specs(spec, steps, exp.placement())
+    print(format_budget(budget_record(spec, trials)), flush=True)
     started = time.perf_counter()
-    references = compute_references(configs, seeds=range(args.seeds))
+    references = compute_references({t.variant: t.cfg for t in trials if t.seed == 0}, seeds=range(spec.seeds))
     print(f"references: {time.perf_counter() - started:.1f} s", flush=True)
 
     rows = []
     for t in trials:
-        cfg = TrainConfig.from_dict(t["cfg"])
-        cfg = replace(cfg, data=replace(cfg.data, loader="memory"), run=replace(cfg.run, device=device, keep_last=1))
-        tags = {"trial_id": f"{t['variant']}_s{t['seed']}", "variant": t["variant"], "seed": t["seed"]}
+        cfg = replace(t.cfg, data=replace(t.cfg.data, loader="memory"),
+                      run=replace(t.cfg.run, device=device, keep_last=1))
+        tags = {"trial_id": f"{t.variant}_s{t.seed}", "variant": t.variant, "seed": t.seed}
         with tempfile.TemporaryDirectory() as scratch:
             local_engine(cfg, scratch, reporter=lambda row, _ckpt, tags=tags: rows.append({**row, **tags})).fit()
         last = rows[-1]
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
               f"probe {probe:.3f}", flush=True)
     table = pd.DataFrame(rows)
     table["device_seconds"] = table["wall_seconds"]
-    summary = summarize(table, BASELINE, args.target_metric, references)
+    summary = summarize(table, BASELINE, spec.target_metric, references)
     print(format_summary(summary))
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; total wall "
           f"{time.perf_counter() - started:.0f} s")

@@ -24,6 +24,7 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
 from lmd.config import build_config  # noqa: E402
+from lmd.entry import init_ray  # noqa: E402
 from lmd.experiments import trial as trials  # noqa: E402
 
 
@@ -41,9 +42,14 @@ def trial_config(workers: int, storage: str, name: str) -> dict[str, Any]:
     cfg = build_config(overrides={"model.preset": "tiny", "data.dataset": "synthetic", "data.batch_size": 16,
                                   "data.num_train": 64, "data.num_val": 16, "run.steps": 2, "run.log_every": 1,
                                   "run.eval_every": 2, "run.ckpt_every": 2, "run.device": "cpu"})
-    return {"cfg": cfg.to_dict(), "variant": f"w{workers}", "seed": 0, "workers": workers,
-            "cpus_per_trial": 0.5 * workers if workers > 1 else 1.0, "gpus_per_trial": 0.0,
-            "train_storage": f"{storage}/{name}/train"}
+    placement = trials.Placement(workers=workers, cpus=0.5 * workers if workers > 1 else 1.0,
+                                 train_storage=f"{storage}/{name}/train")
+    return {"trial": trials.TrialSpec(f"w{workers}", cfg, placement).to_dict()}
+
+
+def driver_fn(config: dict[str, Any]) -> None:
+    """The driver-function pattern on its own: the trial fits a TorchTrainer (what run_trial does for workers > 1)."""
+    trials._run_distributed_trial(trials.TrialSpec.from_dict(config["trial"]))
 
 
 def time_trial(trainable: Any, resources: Any, config: dict[str, Any], storage: str, name: str) -> tuple[float, float]:
@@ -63,11 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    init_ray(log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="lmd-startup-")
     kinds = {  # label: (trainable, resources, workers)
         "function trial": (trials.run_trial, trials.trial_resources, 1),
-        "driver fn, 1 worker": (trials._run_distributed_trial, {"cpu": trials.TRIAL_DRIVER_CPUS}, 1),
+        "driver fn, 1 worker": (driver_fn, {"cpu": trials.TRIAL_DRIVER_CPUS}, 1),
         "driver fn, 2 workers": (trials.run_trial, trials.trial_resources, 2),
     }
     rows = {}

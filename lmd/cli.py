@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, TrainConfig, build_config
-from lmd.entry import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, check_reachable, fail, init_ray
+from lmd.entry import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, fail, init_ray
 from lmd.options import Flag, cli_flags
 
 # Flag -> the field it sets, read from the config classes' declarations: a flag is written once, there.
@@ -55,14 +55,6 @@ def _cluster(args: argparse.Namespace) -> ClusterConfig | None:
     """The Ray Train placement the flags ask for; None without --workers (one process, no Ray Train)."""
     passed = {dotted.removeprefix("cluster."): value for dotted, value in _passed(args, CLUSTER_FLAGS).items()}
     return ClusterConfig(**passed) if "workers" in passed else None
-
-
-def _check_reachable(address: str) -> None:
-    """Kept for lmd/experiments/ablation.py, which still imports it; new code uses lmd.entry.init_ray."""
-    try:
-        check_reachable(address)
-    except ClusterUnreachable as err:
-        fail(str(err), EXIT_RUNTIME)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmd.config import PRESETS as PRESETS  # re-exported only for lmd/experiments/ablation.py's import
 from lmd.config import ModelConfig
 from lmd.masking import num_visible, random_masking
 

@@ -1,4 +1,4 @@
-"""Schedulers match shared/DESIGN.md and masking keeps exactly the computed count."""
+"""Schedulers match docs/DESIGN.md and masking keeps exactly the computed count."""
 
 from __future__ import annotations
 

@@ -27,8 +27,6 @@ import argparse
 import logging
 import sys
 
-from ray import tune
-
 from lmd.experiments.ablation import (
     BUDGET_UNITS,
     SUMMARY_FILE,
@@ -109,6 +107,10 @@ def experiment(args: argparse.Namespace) -> tuple[ExperimentSpec, AblationSpec]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray is imported where the Tuner is built: the table and flags above are also read, through
+    # `experiment`, by benchmarks/ablation_engine.py on machines without Ray.
+    from ray import tune
+
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
     with usage_errors(PROG):  # bad input: one line, exit code 2

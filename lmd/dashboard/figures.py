@@ -21,8 +21,8 @@ from plotly.subplots import make_subplots
 
 from lmd.config import MaskConfig
 from lmd.experiments.results import interval, reference_columns
+from lmd.experiments.summary import BASELINE
 
-BASELINE = "pixel_mae"
 LAYOUT = {"template": "plotly_white", "height": 420, "margin": {"l": 60, "r": 20, "t": 60, "b": 50},
           "legend": {"orientation": "h", "y": -0.18}}
 GREY = "#888888"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmd.config import LATENT_FACTOR, ConfigError, TrainConfig, build_config
+from lmd.config import LATENT_FACTOR, PRESETS, ConfigError, TrainConfig, build_config
 from lmd.experiments.driver import ExperimentSpec, build_stores
 from lmd.experiments.results import REFERENCES_FILE, read_references
 from lmd.experiments.summary import TARGET_METRICS, verdicts
@@ -75,8 +75,6 @@ def pick_variants(table: dict[str, Variant], names: list[str]) -> dict[str, Vari
 
 def variant_config(spec: AblationSpec, name: str, steps: int, seed: int, device: str) -> TrainConfig:
     """The TrainConfig of one trial. Pixel variants keep the preset's transformer and change the input."""
-    from lmd.model import PRESETS
-
     variant = spec.variants[name]
     overrides: dict[str, Any] = {**spec.base.overrides(device), "mask.scheduler": variant.scheduler,
                                  "run.steps": steps, "run.seed": seed}

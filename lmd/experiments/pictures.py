@@ -24,6 +24,7 @@ from lmd.checkpoint import load_checkpoint
 from lmd.config import TrainConfig
 from lmd.evaluation import PSNR_SEED, reconstruct
 from lmd.experiments.results import final_rows, trial_id_of
+from lmd.io import atomic_path
 from lmd.masking import num_visible, random_masking
 from lmd.model import build_model
 from lmd.projector.quality import psnr
@@ -126,7 +127,6 @@ def write_pictures(results: Any, table: pd.DataFrame, experiment: Path, pick: st
     if pictures.empty:
         return None
     path = experiment / PICTURES_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    pictures.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pictures.to_parquet(tmp, index=False)
     return path

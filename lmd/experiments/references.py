@@ -1,7 +1,7 @@
 """The references every learned result is shown against: no-model baselines and ceilings.
 
 Computed once per experiment by its driver, on the same held-out items, masks and probe split as
-the trials' own evaluations (shared/DESIGN.md "Quality metrics"):
+the trials' own evaluations (docs/DESIGN.md, "Quality metrics"):
 
 - `fill`: reconstruction PSNR when every masked patch is the mean colour of that image's visible
   pixels, at the variant's own patch grid (in pixels) and the evaluation's masks (`PSNR_SEED`

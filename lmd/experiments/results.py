@@ -1,6 +1,6 @@
 """Tune results -> one tidy table (Parquet); the summary built on it lives in lmd.experiments.summary.
 
-Table contract (shared/DESIGN.md): one row per trial x report with trial_id, variant, seed, step,
+Table contract (docs/DESIGN.md, "Contracts"): one row per trial x report with trial_id, variant, seed, step,
 samples_seen, train_flops, wall_seconds, device_seconds and the metrics.
 """
 
@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 from scipy import stats
+
+from lmd.io import atomic_path
 
 RESULTS_FILE = "results.parquet"  # the experiment's tidy table (this module)
 ARGS_FILE = "args.json"  # the flags the experiment was started with (lmd.experiments.driver)
@@ -69,9 +71,8 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), SCHEMA_KEY: str(SCHEMA_VERSION).encode()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(arrow, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(arrow, tmp)
 
 
 def final_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmd.checkpoint import adopt_checkpoint
-from lmd.config import DATASET_PROJECTORS, DEFAULT_PROJECTOR, ConfigError, TrainConfig
+from lmd.config import DATASET_PROJECTORS, DEFAULT_PROJECTOR, PRESETS, ConfigError, TrainConfig
 
 TRIAL_DRIVER_CPUS = 0.01  # a multi-worker trial only drives its TorchTrainer (Ray refuses 0)
 TRIAL_SPEC_VERSION = 1  # "version" in TrialSpec.to_dict(): a config of another shape is refused by name
@@ -97,8 +97,6 @@ class TrialBase:
         return self.projector or DATASET_PROJECTORS.get(self.dataset, DEFAULT_PROJECTOR)
 
     def validate(self) -> TrialBase:
-        from lmd.model import PRESETS
-
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset={self.preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
         return self
