@@ -35,10 +35,12 @@ def loop_rate(cfg, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         local_engine(cfg, tmp).fit()
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in rows if r["step"] > warmup]
-    seconds = timed[-1]["wall_seconds"] - max(r["wall_seconds"] for r in rows if r["step"] <= warmup)
-    samples = timed[-1]["samples_seen"] - max(r["samples_seen"] for r in rows if r["step"] <= warmup)
-    return samples / seconds
+    timed = [r for r in rows if r["step"] >= warmup]  # from the first row at or after the warm-up
+    if len(timed) < 2:
+        raise SystemExit(f"loop_speed: fewer than two metrics rows after step {warmup}: raise --steps or lower "
+                         "--log-every")
+    first, last = timed[0], timed[-1]
+    return (last["samples_seen"] - first["samples_seen"]) / (last["wall_seconds"] - first["wall_seconds"])
 
 
 def step_rate(cfg, steps: int, warmup: int, ratio: float) -> float:
