@@ -37,7 +37,15 @@ from lmd.experiments.ablation import (
     plan_ablation,
     write_summary,
 )
-from lmd.experiments.driver import ExperimentSpec, check_start, finish, fit, usage_errors, write_results
+from lmd.experiments.driver import (
+    ExperimentSpec,
+    add_shared_flags,
+    check_start,
+    finish,
+    fit,
+    usage_errors,
+    write_results,
+)
 from lmd.experiments.summary import BASELINE, TARGET_METRICS, format_summary, summarize
 from lmd.experiments.trial import TrialBase, concurrent_trials, trial_dirname
 
@@ -70,25 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=4, help="evaluations spread evenly over each trial")
     p.add_argument("--target-metric", choices=TARGET_METRICS, default="val_psnr",  # comparable across spaces
                    help="the metric time-to-target is measured on (target: the baseline's mean final value)")
-    # What every trial shares: the transformer and the data (the same flags as tune/search.py).
-    p.add_argument("--preset", default="mini_p1")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--projector", default="", help="latent variants' projector (default: the dataset's shipped one)")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-train", type=int, default=20000)
-    p.add_argument("--num-val", type=int, default=1000, help="held-out items (PSNR decodes the first 32 of them)")
-    p.add_argument("--num-probe", type=int, default=1000, help="labelled training items the linear probe is fit on")
-    # Where it runs (the same flags as tune/search.py).
-    p.add_argument("--address", help="Ray cluster address (default: local Ray)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--workers-per-trial", type=int, default=1,
-                   help="data-parallel Ray Train workers per trial (>1: each trial fits a TorchTrainer; "
-                        "the trial's CPUs/GPUs are split over its workers)")
-    p.add_argument("--storage", default="runs/tune")
-    p.add_argument("--name", default="ablation")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this --name")
+    add_shared_flags(p, name="ablation")  # the data, the placement, --storage/--name/--resume: as the search
     return p.parse_args(argv)
 
 

@@ -32,7 +32,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from lmd.config import build_config
-from lmd.experiments.driver import ExperimentSpec, check_start, finish, fit, usage_errors, write_results
+from lmd.experiments.driver import (
+    ExperimentSpec,
+    add_shared_flags,
+    check_start,
+    finish,
+    fit,
+    usage_errors,
+    write_results,
+)
 from lmd.experiments.search import JOURNAL_FILE, ResumableOptunaSearch, best_trial, check_search, search_base
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec, concurrent_trials, trial_dirname
 
@@ -88,25 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--include-constant", action="store_true", help="also search the constant (MAE) schedule")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
-    # What every trial shares: the transformer and the data (the same flags as tune/ablation.py).
-    p.add_argument("--preset", default="mini_p1")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--projector", default="", help="default: the dataset's shipped projector")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-train", type=int, default=20000)
-    p.add_argument("--num-val", type=int, default=1000, help="held-out items (PSNR decodes the first 32 of them)")
-    p.add_argument("--num-probe", type=int, default=1000, help="labelled training items the linear probe is fit on")
-    # Where it runs (the same flags as tune/ablation.py).
-    p.add_argument("--address", help="Ray cluster address (default: local Ray)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--workers-per-trial", type=int, default=1,
-                   help="data-parallel Ray Train workers per trial (>1: each trial fits a TorchTrainer; "
-                        "the trial's CPUs/GPUs are split over its workers)")
-    p.add_argument("--storage", default="runs/tune", help="a filesystem path (the Optuna journal lives there)")
-    p.add_argument("--name", default="search")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search of this --name")
+    add_shared_flags(p, name="search")  # the data, the placement, --storage/--name/--resume: as the ablation
     return p.parse_args(argv)
 
 

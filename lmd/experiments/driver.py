@@ -16,6 +16,7 @@ this module is the rest, in the order a run goes through it:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -79,6 +80,30 @@ class ExperimentSpec:
     def validate(self, batch_size: int) -> ExperimentSpec:
         check_placement(self.placement(), batch_size)
         return self
+
+
+def add_shared_flags(p: argparse.ArgumentParser, name: str) -> None:
+    """The flags both experiment scripts take, defined once: what every trial shares and where it runs."""
+    data = p.add_argument_group("what every trial shares: the transformer and the data")
+    data.add_argument("--preset", default="mini_p1")
+    data.add_argument("--dataset", default="fashion-mnist")
+    data.add_argument("--projector", default="", help="latent trials' projector (default: the dataset's shipped one)")
+    data.add_argument("--resolution", type=int, default=32)
+    data.add_argument("--batch-size", type=int, default=128)
+    data.add_argument("--num-train", type=int, default=20000)
+    data.add_argument("--num-val", type=int, default=1000, help="held-out items (PSNR decodes the first 32 of them)")
+    data.add_argument("--num-probe", type=int, default=1000, help="labelled training items the linear probe is fit on")
+    where = p.add_argument_group("where it runs")
+    where.add_argument("--address", help="Ray cluster address (default: local Ray)")
+    where.add_argument("--gpus-per-trial", type=float, default=0.0)
+    where.add_argument("--cpus-per-trial", type=float, default=1.0)
+    where.add_argument("--workers-per-trial", type=int, default=1,
+                       help="data-parallel Ray Train workers per trial (>1: each trial fits a TorchTrainer; "
+                            "the trial's CPUs/GPUs are split over its workers)")
+    where.add_argument("--storage", default="runs/tune",
+                       help="experiment storage (the search needs a filesystem path: its Optuna journal lives there)")
+    where.add_argument("--name", default=name)
+    where.add_argument("--resume", action="store_true", help="continue an interrupted experiment of this --name")
 
 
 @contextmanager
