@@ -36,6 +36,13 @@ DEFAULT_PROJECTOR = "lmd-f8c4"  # the shipped photo projector
 # The shipped projector made for a dataset: what `data.projector` defaults to when the dataset has one.
 DATASET_PROJECTORS = {"fashion-mnist": "lmd-f8c4-fmnist"}
 LATENT_FACTOR = 8  # presets describe f8 latents: latent_size * 8 = image resolution
+# Seeds are at most 32 bits: NumPy takes no more, and the engine's per-step seeds (lmd.engine.step_seed)
+# must stay within torch's int64 generator seed.
+MAX_SEED = 2**32 - 1
+# Items each split of a fixed dataset holds (train, held-out), checked before anything is built.
+SOURCE_SIZES = {"fashion-mnist": (60_000, 10_000), "mnist": (60_000, 10_000)}
+# Random crops of the bundled photos: more than this is hours of encoding for no new pixels (~30 photos).
+MAX_BUNDLED_CROPS = 1_000_000
 DEFAULT_PRESET = "tiny"
 
 
@@ -201,7 +208,7 @@ class RunConfig:
 
     def validate(self) -> None:
         _require(self.steps > 0, "run.steps", self.steps, "must be > 0")
-        _require(self.seed >= 0, "run.seed", self.seed, "must be >= 0")
+        _require(0 <= self.seed <= MAX_SEED, "run.seed", self.seed, f"must be in [0, {MAX_SEED}]")
         for name in ("log_every", "eval_every", "ckpt_every", "keep_last"):
             _require(getattr(self, name) > 0, f"run.{name}", getattr(self, name), "must be > 0")
         _require(self.device in DEVICES, "run.device", self.device, f"choose one of {', '.join(DEVICES)}")
@@ -220,6 +227,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for section in (self.model, self.mask, self.optim, self.data, self.run):
             section.validate()
+        check_source_sizes(self.data.dataset, self.data.num_train, self.data.num_val)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +256,7 @@ class ClusterConfig:
                              "newest")
 
     def validate(self, cfg: TrainConfig) -> None:
+        check_name(self.name, "--name")
         if self.workers < 1:
             raise ConfigError(f"--workers={self.workers}: must be >= 1")
         if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
@@ -283,6 +292,24 @@ PRESETS: dict[str, ModelConfig] = {
     "large": ModelConfig(preset="large", latent_size=28, patch_size=4, embed_dim=1024, depth=24,
                          num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
 }
+
+
+def check_source_sizes(dataset: str, num_train: int, num_val: int) -> None:
+    """Refuse, before anything is built, more items than a split of the source holds (or a bundled crop count
+    that would take days to encode)."""
+    limits = SOURCE_SIZES.get(dataset) or ((MAX_BUNDLED_CROPS,) * 2 if dataset == "bundled" else None)
+    if limits is None:  # a folder of images: its size is checked when it is read
+        return
+    for name, value, limit in (("data.num_train", num_train, limits[0]), ("data.num_val", num_val, limits[1])):
+        what = "crops is the most the bundled photos are cut into" if dataset == "bundled" else \
+            f"items is all the {dataset} split holds"
+        _require(value <= limit, name, value, f"{limit} {what}")
+
+
+def check_name(name: str, flag: str) -> None:
+    """A run or experiment name is one path component: it must not climb out of, or into, the storage."""
+    if name and (name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip()):
+        raise ConfigError(f"{flag}={name!r}: must be one folder name (no '/', '\\', '..' or surrounding spaces)")
 
 
 def _require(ok: bool, name: str, value: Any, reason: str) -> None:
@@ -330,9 +357,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file into a nested dict, naming the file on any failure."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"config file {path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start})") from None
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -342,6 +372,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(raw).__name__}")
+    _check_acyclic(raw, path)
     for section, body in raw.items():
         if section not in SECTIONS:
             raise ConfigError(f"config file {path}: unknown section {section!r}; "
@@ -349,6 +380,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise ConfigError(f"config file {path}: section {section!r} must be a mapping")
     return raw
+
+
+def _check_acyclic(value: Any, path: Path, inside: tuple[int, ...] = ()) -> None:
+    """A YAML alias can make a value contain itself (`a: &a [*a]`); refuse that instead of recursing forever."""
+    if not isinstance(value, dict | list):
+        return
+    if id(value) in inside:
+        raise ConfigError(f"config file {path}: a recursive YAML alias (a value that contains itself)")
+    for child in value.values() if isinstance(value, dict) else value:
+        _check_acyclic(child, path, (*inside, id(value)))
 
 
 def build_config(
@@ -363,7 +404,10 @@ def build_config(
     values = _flatten(read_config_file(file)) if file is not None else {}
     values.update(overrides or {})
     preset = values.pop("model.preset", preset)
-    if "data.projector" not in values and values.get("data.dataset") in DATASET_PROJECTORS:
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"model.preset={preset!r}: expected a string (one of {', '.join(PRESETS)})")
+    dataset = values.get("data.dataset")
+    if "data.projector" not in values and isinstance(dataset, str) and dataset in DATASET_PROJECTORS:
         values["data.projector"] = DATASET_PROJECTORS[values["data.dataset"]]
 
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from lmd.config import MaskConfig
+from lmd.config import ConfigError, MaskConfig
 
 if TYPE_CHECKING:  # the schedules are pure Python: the dashboard draws them without importing torch
     import torch
@@ -66,7 +66,9 @@ def mask_ratio(step: int, total_steps: int, cfg: MaskConfig) -> float:
 
 def schedule_table(total_steps: int, cfg: MaskConfig, points: int = 21) -> list[tuple[int, float]]:
     """(step, ratio) rows at `points` evenly spaced steps including 0 and total_steps (0 = every step)."""
-    if points <= 0 or points > total_steps + 1:
+    if points < 0:
+        raise ConfigError(f"--points={points}: must be >= 0 (0 = every step)")
+    if points == 0 or points > total_steps + 1:
         steps = range(total_steps + 1)
     else:
         steps = sorted({round(i * total_steps / (points - 1)) for i in range(points)}) if points > 1 else [0]

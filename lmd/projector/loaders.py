@@ -7,6 +7,9 @@ model hub). Every failure names the file and what was wrong with it.
 from __future__ import annotations
 
 import json
+import math
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +21,35 @@ from lmd.projector.base import Projector, ProjectorError
 from lmd.projector.taesd import taesd_decoder, taesd_encoder
 
 OWN_FORMAT = "lmd-projector/1"
+# Bounds on the architecture a weights file's metadata may ask for (the shipped ones: 4 channels, width 32-64):
+# a hostile or corrupt file must not make the loader allocate petabytes.
+MAX_LATENT_CHANNELS, MAX_WIDTH = 64, 1024
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict (name -> tensor) from a .safetensors or a .pth/.pt file. A pickle is read with
+    `weights_only=True`: tensors and plain containers only, never arbitrary objects or code."""
     if not path.is_file():
         raise ProjectorError(f"{path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
-        raise ProjectorError(f"{path}: cannot be read as a state dict ({type(err).__name__}: {err})") from None
+            state = load_file(str(path))
+        else:
+            with warnings.catch_warnings():  # torch warns before refusing a foreign pickle; the refusal says it all
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused an object, or the bytes are no pickle at all
+        reasons = [line.strip() for line in str(err).splitlines() if "Unsupported" in line or "GLOBAL" in line]
+        raise ProjectorError(f"{path}: refused by torch.load(weights_only=True): not a plain state dict of tensors"
+                             f"{f' ({reasons[0]})' if reasons else ''}") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+        detail = str(err).splitlines()[0] if str(err) else "empty or truncated"
+        raise ProjectorError(f"{path}: cannot be read as a state dict ({type(err).__name__}: {detail})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ProjectorError(f"{path}: not a state dict (a mapping of names to tensors), but a "
+                             f"{type(state).__name__}")
+    return state
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -111,18 +132,41 @@ class TAESDProjector(Projector):
             raise ProjectorError(f"{path}: not a readable .safetensors file ({err})") from None
         if meta.get("format") != OWN_FORMAT:
             raise ProjectorError(f"{path}: metadata format={meta.get('format')!r}, expected {OWN_FORMAT!r}")
+        arch = _own_metadata(meta, path)
         try:
-            proj = cls(latent_channels=int(meta["latent_channels"]), width=int(meta["width"]),
-                       decoder_width=int(meta["decoder_width"]), scale=float(meta["scale"]),
-                       shift=float(meta["shift"]), name=meta["name"])
-        except (KeyError, ValueError) as err:
-            raise ProjectorError(f"{path}: metadata field {err} missing or invalid") from None
+            card = json.loads(meta.get("card", "{}"))
+        except json.JSONDecodeError as err:
+            raise ProjectorError(f"{path}: metadata field card is not valid JSON ({err})") from None
+        if not isinstance(card, dict):
+            raise ProjectorError(f"{path}: metadata field card is not a JSON object")
+        proj = cls(**arch)
         state = _load_state(path)
         for part, module in (("encoder", proj.encoder), ("decoder", proj.decoder)):
             sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
             _load_strict(module, sub, path)
-        proj.card = json.loads(meta.get("card", "{}"))
+        proj.card = card
         return proj.eval()
+
+
+def _own_metadata(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """The architecture and scaling a project-format file declares, each checked before anything is built."""
+    arch: dict[str, Any] = {}
+    for key, cast in (("latent_channels", int), ("width", int), ("decoder_width", int), ("scale", float),
+                      ("shift", float), ("name", str)):
+        if key not in meta:
+            raise ProjectorError(f"{path}: metadata field {key!r} missing")
+        try:
+            arch[key] = cast(meta[key])
+        except ValueError:
+            raise ProjectorError(f"{path}: metadata field {key}={meta[key]!r}: expected {cast.__name__}") from None
+    bounds = {"latent_channels": MAX_LATENT_CHANNELS, "width": MAX_WIDTH, "decoder_width": MAX_WIDTH}
+    for key, bound in bounds.items():
+        if not 1 <= arch[key] <= bound:
+            raise ProjectorError(f"{path}: metadata field {key}={arch[key]}: must be in [1, {bound}]")
+    if not (math.isfinite(arch["scale"]) and arch["scale"] != 0 and math.isfinite(arch["shift"])):
+        raise ProjectorError(f"{path}: metadata scale={arch['scale']}, shift={arch['shift']}: must be finite, "
+                             "scale non-zero")
+    return arch
 
 
 class SDVAEProjector(Projector):
