@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from lmd.config import MAX_BUNDLED_CROPS
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -127,6 +129,8 @@ class BundledPhotos:
     def __init__(self, split: str, resolution: int, num: int, seed: int = 0, min_scale: float = 0.35):
         if split not in ("train", "val"):
             raise ImageSourceError(f"split={split!r}: expected 'train' or 'val'")
+        if num > MAX_BUNDLED_CROPS:  # hours of encoding per million, and no new pixels
+            raise ImageSourceError(f"bundled {split}: {num} crops asked; at most {MAX_BUNDLED_CROPS}")
         self.split, self.resolution, self.num, self.seed, self.min_scale = split, resolution, num, seed, min_scale
         self.photos = [p.name for p in PHOTOS if (p.name in HELDOUT) == (split == "val")]
 
