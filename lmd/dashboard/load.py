@@ -9,7 +9,6 @@ cannot show.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from lmd.experiments.results import (
     REFERENCES_FILE,
     SCHEMA_KEY,
     SCHEMA_VERSION,
-    read_references,
 )
+from lmd.io import read_json_object
 
 RESULTS_FILE = "results.parquet"
 JOURNAL_FILE = "optuna.journal"
@@ -35,6 +34,13 @@ PICTURES_FILE = "pictures.parquet"
 # What every panel needs; schema 1 (before workers and the config columns) already had all of it.
 REQUIRED_COLUMNS = ID_COLUMNS + ["loss", "mask_ratio", "val_masked_mse_fixed", "val_psnr"]
 PICTURE_COLUMNS = ["variant", "trial_id", "seed", "kind", "index", "png"]
+TEXT_COLUMNS = ("trial_id", "variant", "scheduler", "projector", "preset")  # every other column is a number
+INTEGER_COLUMNS = ("seed", "step")
+REFERENCE_NAMES = ("fill", "ceiling", "raw_probe", "random_probe")
+# args.json fields the page reads, and their JSON types.
+ARG_TYPES: dict[str, type | tuple[type, ...]] = {"name": str, "target_metric": str, "metric": str, "variants": list,
+                                                 "samples": int}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class ResultsError(ValueError):
@@ -92,21 +98,63 @@ def read_table(path: Path) -> tuple[pd.DataFrame, int]:
     if schema > SCHEMA_VERSION:
         raise ResultsError(f"{path}: written by results schema {schema}, newer than this lmd-ray reads "
                            f"({SCHEMA_VERSION}); upgrade lmd-ray")
-    table = pd.read_parquet(path)
+    table = _read_parquet(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ResultsError(f"{path}: missing column(s) {', '.join(missing)} (results schema {schema}; "
                            f"this dashboard needs {', '.join(REQUIRED_COLUMNS)})")
+    check_column_types(table, path)
     return table, schema
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a torn or foreign file
+        raise ResultsError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0] if str(err) else err!r})"
+                           ) from None
+
+
+def _is_text(column: pd.Series) -> bool:
+    values = column.dropna()
+    return values.empty or bool(values.map(lambda v: isinstance(v, str)).all())
+
+
+def _is_number(column: pd.Series) -> bool:
+    return column.isna().all() or (pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column))
+
+
+def check_column_types(table: pd.DataFrame, path: Path) -> None:
+    """Text where the schema has text, numbers elsewhere, whole numbers for seed and step: else one line naming
+    the column (a mistyped column would otherwise end deep in pandas)."""
+    for column in table.columns:
+        values = table[column]
+        if column in TEXT_COLUMNS:
+            ok, expected = _is_text(values), "text"
+        elif column in INTEGER_COLUMNS:
+            ok = _is_number(values) and bool((values.dropna() % 1 == 0).all())
+            expected = "whole numbers"
+        else:
+            ok, expected = _is_number(values), "numbers"
+        if not ok:
+            raise ResultsError(f"{path}: column {column!r} holds {values.dtype} values, expected {expected}")
 
 
 def read_pictures(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
-    pictures = pd.read_parquet(path)
+    pictures = _read_parquet(path)
     missing = [c for c in PICTURE_COLUMNS if c not in pictures.columns]
     if missing:
         raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}")
+    for column in ("variant", "trial_id", "kind"):
+        if not _is_text(pictures[column]):
+            raise ResultsError(f"{path}: column {column!r} holds {pictures[column].dtype} values, expected text")
+    for column in ("seed", "index"):
+        if not pd.api.types.is_integer_dtype(pictures[column]):
+            raise ResultsError(f"{path}: column {column!r} holds {pictures[column].dtype} values, expected integers")
+    if not pictures["png"].map(lambda v: isinstance(v, bytes) and v.startswith(PNG_MAGIC)).all():
+        raise ResultsError(f"{path}: column 'png' holds something other than PNG images")
     return pictures
 
 
@@ -115,11 +163,51 @@ def read_study(path: Path, name: str) -> Any:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    storage = JournalStorage(JournalFileBackend(str(path)))
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if not names:
-        raise ResultsError(f"{path}: the Optuna journal holds no study")
-    return optuna.load_study(study_name=name if name in names else names[0], storage=storage)
+    try:
+        storage = JournalStorage(JournalFileBackend(str(path)))
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        if not names:
+            raise ResultsError(f"{path}: the Optuna journal holds no study")
+        study = optuna.load_study(study_name=name if name in names else names[0], storage=storage)
+        study.trials  # noqa: B018 - read every trial now, so a torn journal fails here, by name
+    except ResultsError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Optuna's journal replay raises anything on a foreign or torn file
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ResultsError(f"{path}: not a readable Optuna journal ({detail})") from None
+    return study
+
+
+def read_args(path: Path) -> dict[str, Any]:
+    """args.json ({} when absent), with the fields the page reads checked for their types."""
+    if not path.is_file():
+        return {}
+    args = read_json_object(path, "the experiment's flags", ResultsError)
+    for key, kind in ARG_TYPES.items():
+        if key in args and (not isinstance(args[key], kind) or isinstance(args[key], bool)):
+            raise ResultsError(f"{path}: {key}={args[key]!r}: expected a JSON {_json_type(kind)}")
+    return args
+
+
+def _json_type(kind: type | tuple[type, ...]) -> str:
+    return {str: "string", list: "list", int: "integer"}.get(kind, str(kind))  # type: ignore[call-overload]
+
+
+def read_references(path: Path) -> list[dict[str, Any]]:
+    """references.json's records ([] when absent: an experiment from before references), each checked."""
+    if not path.is_file():
+        return []
+    records = read_json_object(path, "the experiment's references", ResultsError).get("references")
+    if not isinstance(records, list):
+        raise ResultsError(f"{path}: expected {{'references': [...]}}")
+    for i, r in enumerate(records):
+        ok = (isinstance(r, dict) and r.get("reference") in REFERENCE_NAMES and isinstance(r.get("variant"), str)
+              and isinstance(r.get("metric"), str)
+              and all(isinstance(r.get(k), int | float) or r.get(k) is None for k in ("mean", "ci95", "n")))
+        if not ok:
+            raise ResultsError(f"{path}: references[{i}] is not a reference record ({{reference: one of "
+                               f"{', '.join(REFERENCE_NAMES)}, variant, metric, mean, ci95, n}})")
+    return records
 
 
 def read_budget(path: Path) -> dict[str, Any] | None:
@@ -127,11 +215,30 @@ def read_budget(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ResultsError(f"{path}: not valid JSON ({err})") from None
-    budget = payload.get("budget") if isinstance(payload, dict) else None
-    return budget if isinstance(budget, dict) and isinstance(budget.get("variants"), dict) else None
+        payload = read_json_object(path, "the experiment's summary", ResultsError)
+    except ResultsError:
+        if isinstance(_json_or_none(path), list):  # an older summary: a list of rows
+            return None
+        raise
+    budget = payload.get("budget")
+    if not (isinstance(budget, dict) and isinstance(budget.get("variants"), dict)):
+        return None
+    if not isinstance(budget.get("budget"), int | float):
+        raise ResultsError(f"{path}: budget.budget={budget.get('budget')!r}: expected a number")
+    for variant, record in budget["variants"].items():
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), int | float) or record.get(k) is None
+                                                   for k in ("steps", "samples", "train_tflops")):
+            raise ResultsError(f"{path}: budget.variants.{variant}: expected numbers steps, samples, train_tflops")
+    return budget
+
+
+def _json_or_none(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def schema_notes(table: pd.DataFrame, name: str, schema: int) -> list[str]:
@@ -165,8 +272,7 @@ def load_experiment(path: str | Path) -> Experiment:
     table_path = path if path.suffix == ".parquet" else root / RESULTS_FILE
     table, schema = read_table(table_path)
     notes = schema_notes(table, table_path.name, schema)
-    args_path = root / "args.json"
-    args = json.loads(args_path.read_text()) if args_path.is_file() else {}
+    args = read_args(root / "args.json")
     journal = root / JOURNAL_FILE
     study = read_study(journal, args.get("name", root.name)) if journal.is_file() else None
     kind = experiment_kind(table, args, study)
@@ -174,10 +280,7 @@ def load_experiment(path: str | Path) -> Experiment:
         notes.append(f"no {JOURNAL_FILE} next to the results: the Optuna study panels are not shown.")
     references, budget = [], None
     if kind == "ablation":
-        try:
-            references = read_references(root / REFERENCES_FILE)
-        except (ValueError, KeyError) as err:  # JSONDecodeError is a ValueError
-            raise ResultsError(f"{root / REFERENCES_FILE}: unreadable ({err})") from None
+        references = read_references(root / REFERENCES_FILE)
         if not references:
             notes.append(f"no {REFERENCES_FILE} next to the results (an experiment from before references): the "
                          "no-model fill, projector ceiling and probe references are not drawn, and no variant is "
