@@ -106,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--limit", type=int, help="training items (bundled: number of crops, default 2048)")
     pc.add_argument("--num-val", type=int, help="held-out items (bundled: default 256)")
     pc.add_argument("--shard-size", type=int, default=512)
-    pc.add_argument("--batch-size", type=int, default=64)
+    pc.add_argument("--batch-size", type=int, default=64, help="images per encode (the same chunks on any cluster)")
+    pc.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    pc.add_argument("--encoders", type=int, help="encoder actors (default: one per GPU, else one per CPU)")
 
     pr = sub.add_parser("probe", help="linear-probe a trained encoder (and its references) on its labelled store")
     pr.add_argument("target", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its latest checkpoint) or a "
@@ -191,22 +193,37 @@ def _shutdown_ray() -> None:
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from lmd.data.images import ImageSourceError
-    from lmd.data.latents import build_store
+    from lmd.data.precompute import PipelineError, encoder_pool, plan_build, run_build
     from lmd.data.store import StoreError
     from lmd.projector import ProjectorError, load_projector
 
-    for flag in ("resolution", "limit", "num_val", "shard_size", "batch_size"):
+    for flag in ("resolution", "limit", "num_val", "shard_size", "batch_size", "encoders"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             fail(f"--{flag.replace('_', '-')}={value}: must be > 0", EXIT_USAGE)
+    if "://" in args.out:  # the store is written with local renames and fsyncs
+        fail(f"--out={args.out}: must be a local folder (or a shared file system mounted on this node)", EXIT_USAGE)
     try:
         projector = load_projector(args.projector)
         projector.latent_shape(args.resolution)  # checks the resolution against the downsampling factor
-        root = build_store(Path(args.out), args.dataset, projector, args.resolution, args.limit, args.num_val,
+        # Planning needs no Ray: a bad dataset or a refused store fails before a cluster is joined.
+        build = plan_build(Path(args.out), args.dataset, projector, args.resolution, args.limit, args.num_val,
                            shard_size=args.shard_size, batch_size=args.batch_size)
-    except (StoreError, ProjectorError, ImageSourceError) as err:
+        pool = None  # a complete store (or one whose shards are all written) needs no cluster
+        if build.chunks():
+            import ray
+
+            init_ray(args.address)  # a wrong address: ClusterUnreachable, one line from main()
+            try:
+                pool = encoder_pool(args.encoders, "auto", ray.cluster_resources())
+            except ValueError as err:
+                fail(str(err), EXIT_USAGE)
+        run_build(build, pool)
+    except (StoreError, ProjectorError, ImageSourceError, PipelineError) as err:
         fail(str(err), EXIT_RUNTIME)
-    print(json.dumps({"store": str(root), "projector": projector.info()}))
+    finally:
+        _shutdown_ray()
+    print(json.dumps({"store": str(Path(args.out)), "projector": projector.info()}))
     return 0
 
 

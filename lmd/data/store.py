@@ -297,55 +297,73 @@ def _write_shard(root: Path, k: int, first_index: int, latents: np.ndarray, dtyp
         pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=["index"])
 
 
+def encode_chunk(images: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], start: int, stop: int,
+                 dtype: str) -> np.ndarray:
+    """Latents of items [start, stop) from their images [n, 3, H, W], checked and cast to `dtype` on the CPU."""
+    if images.ndim != 4 or images.shape[0] != stop - start:
+        raise ValueError(f"load_images({start}, {stop}) returned shape {tuple(images.shape)}, expected "
+                         f"[{stop - start}, 3, H, W]")
+    with torch.no_grad():
+        latents = encode(images).detach().to("cpu", DTYPES[dtype])
+    if latents.ndim != 4 or latents.shape[0] != stop - start:
+        raise ValueError(f"encode(images[{start}:{stop}]) gave shape {tuple(latents.shape)}, expected "
+                         f"[{stop - start}, C, h, w]")
+    if not torch.isfinite(latents).all():
+        raise StoreError(f"items [{start}, {stop}): latents are not finite in {dtype} (max |x| before the cast may "
+                         "exceed its range; check the projector's scale)")
+    return latents.numpy()
+
+
+def chunks(start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
+    """The encode chunks of items [start, stop): they start at `start`, so a resumed shard is chunked alike
+    (conv results can depend on the batch's composition)."""
+    return [(a, min(stop, a + batch_size)) for a in range(start, stop, batch_size)]
+
+
 def _encode_range(start: int, stop: int, load_images: Callable[[int, int], torch.Tensor],
                   encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int, dtype: str,
                   bar: tqdm) -> np.ndarray:
-    """Latents of items [start, stop) in `dtype`; chunks start at `start` so a resumed shard is chunked alike."""
+    """Latents of items [start, stop) in `dtype`, encoded chunk by chunk."""
     parts = []
-    for a in range(start, stop, batch_size):
-        b = min(stop, a + batch_size)
-        images = load_images(a, b)
-        if images.ndim != 4 or images.shape[0] != b - a:
-            raise ValueError(f"load_images({a}, {b}) returned shape {tuple(images.shape)}, expected [{b - a}, 3, H, W]")
-        with torch.no_grad():
-            latents = encode(images).detach().to("cpu", DTYPES[dtype])
-        if latents.ndim != 4 or latents.shape[0] != b - a:
-            raise ValueError(f"encode(images[{a}:{b}]) gave shape {tuple(latents.shape)}, expected [{b - a}, C, h, w]")
-        if not torch.isfinite(latents).all():
-            raise StoreError(f"items [{a}, {b}): latents are not finite in {dtype} (max |x| before the cast may "
-                             "exceed its range; check the projector's scale)")
-        parts.append(latents.numpy())
+    for a, b in chunks(start, stop, batch_size):
+        parts.append(encode_chunk(load_images(a, b), encode, a, b, dtype))
         bar.update(b - a)
     return np.concatenate(parts)
 
 
-def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callable[[int, int], torch.Tensor],
-                     encode: Callable[[torch.Tensor], torch.Tensor], projector: dict, source: dict, split: str,
-                     shard_size: int = 512, batch_size: int = 64, dtype: str = "float16",
-                     progress: bool = True, load_labels: Callable[[int, int], torch.Tensor] | None = None,
-                     classes: Sequence[str] = ()) -> dict[str, Any]:
-    """Encode items [0, num_items) into a store at `out_dir` (resuming an interrupted run); returns the manifest.
-
-    `load_images(start, stop)` gives images [n, 3, H, W] in [0, 1]; `encode` maps them to latents
-    [n, C, h, w]. A labelled source passes `classes` and `load_labels(start, stop)` -> int64 [n].
-    A complete store with the same identity is returned untouched; a store or plan with another
-    identity (projector, source, split, num_items, shard_size, dtype, classes) is refused,
-    naming the differing field, without modifying anything.
-    """
-    root = Path(out_dir)
+def store_identity(*, projector: dict, source: dict, split: str, num_items: int, shard_size: int,
+                   dtype: str = "float16", classes: Sequence[str] = ()) -> dict[str, Any]:
+    """What determines a store's content, as plain JSON; a plan or manifest with another identity is refused."""
     if dtype not in DTYPES:
         raise StoreError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
-    if bool(classes) != (load_labels is not None):
-        raise StoreError("classes and load_labels: give both (a labelled source) or neither")
-    for name, value in (("num_items", num_items), ("shard_size", shard_size), ("batch_size", batch_size)):
+    for name, value in (("num_items", num_items), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise StoreError(f"{name}: {value!r} is not a positive int")
     try:
-        identity = _plain({"projector": projector, "source": source, "split": split, "num_items": num_items,
-                           "shard_size": shard_size, "dtype": dtype, "classes": list(classes)})
+        return _plain({"projector": projector, "source": source, "split": split, "num_items": num_items,
+                       "shard_size": shard_size, "dtype": dtype, "classes": list(classes)})
     except TypeError as err:
         raise StoreError(f"projector/source: not JSON-serialisable ({err})") from None
 
+
+def shard_range(identity: dict[str, Any], k: int) -> tuple[int, int]:
+    """Items [start, stop) of shard k."""
+    size = identity["shard_size"]
+    return k * size, min(identity["num_items"], (k + 1) * size)
+
+
+def num_shards(identity: dict[str, Any]) -> int:
+    return math.ceil(identity["num_items"] / identity["shard_size"])
+
+
+def open_store(out_dir: str | Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """Make `out_dir` ready to write the store `identity`; returns its manifest if it is already complete.
+
+    A complete store with this identity is validated (footers, not checksums) and returned; one made
+    for another identity, or a non-empty folder that holds no store, is refused without change.
+    Otherwise the plan is written (or checked, on resume) and incomplete writes of a killed run removed.
+    """
+    root = Path(out_dir)
     manifest_path, plan_path = root / MANIFEST_FILE, root / PLAN_FILE
     if manifest_path.exists():
         manifest = read_manifest(root)
@@ -368,48 +386,111 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
     for stale in root.glob(f"{TMP_PREFIX}*"):  # from a killed run; never a complete file
         log.warning("removing incomplete write %s", stale)
         stale.unlink(missing_ok=True)
+    return None
 
-    num_shards = math.ceil(num_items / shard_size)
-    latent_shape: list[int] | None = None
-    bar = tqdm(total=num_items, unit="img", desc=f"precompute {split}", disable=not progress)
-    with bar:
-        for k in range(num_shards):
-            start, stop = k * shard_size, min(num_items, (k + 1) * shard_size)
-            path = root / shard_name(k)
-            if path.exists():
-                try:
-                    latent_shape = check_shard(path, stop - start, latent_shape, dtype, start, len(classes))
-                    bar.update(stop - start)
-                    continue
-                except StoreError as err:
-                    log.warning("re-encoding shard %d: %s", k, err)
-            latents = _encode_range(start, stop, load_images, encode, batch_size, dtype, bar)
-            if latent_shape is not None and list(latents.shape[1:]) != latent_shape:
-                raise StoreError(f"{path}: latent_shape: encode gave {list(latents.shape[1:])}, earlier shards "
-                                 f"have {latent_shape}")
-            latent_shape = list(latents.shape[1:])
-            labels = _labels_of(load_labels, start, stop, len(classes), path) if load_labels else None
-            _write_shard(root, k, start, latents, dtype, labels)
+
+def pending_shards(out_dir: str | Path, identity: dict[str, Any]) -> tuple[list[int], list[int] | None]:
+    """(shards still to encode, latent_shape of the finished ones): a shard file that fails `check_shard` is
+    re-encoded."""
+    root, latent_shape, todo = Path(out_dir), None, []
+    for k in range(num_shards(identity)):
+        start, stop = shard_range(identity, k)
+        path = root / shard_name(k)
+        if path.exists():
+            try:
+                latent_shape = check_shard(path, stop - start, latent_shape, identity["dtype"], start,
+                                           len(identity["classes"]))
+                continue
+            except StoreError as err:
+                log.warning("re-encoding shard %d: %s", k, err)
+        todo.append(k)
+    return todo, latent_shape
+
+
+def write_shard(out_dir: str | Path, identity: dict[str, Any], k: int, latents: np.ndarray,
+                labels: np.ndarray | torch.Tensor | None, latent_shape: list[int] | None) -> list[int]:
+    """Check shard k's latents [n, C, h, w] (and labels [n]) against the store, write it atomically; returns
+    its latent_shape, which every shard must share."""
+    root = Path(out_dir)
+    path, (start, stop) = root / shard_name(k), shard_range(identity, k)
+    if latents.shape[0] != stop - start:
+        raise StoreError(f"{path}: rows: {latents.shape[0]} latents for items [{start}, {stop})")
+    if latent_shape is not None and list(latents.shape[1:]) != list(latent_shape):
+        raise StoreError(f"{path}: latent_shape: encode gave {list(latents.shape[1:])}, earlier shards "
+                         f"have {list(latent_shape)}")
+    classes = identity["classes"]
+    if bool(classes) != (labels is not None):
+        raise StoreError(f"{path}: label: the store names {len(classes)} classes and labels were "
+                         f"{'not ' if labels is None else ''}given")
+    checked = _check_labels(labels, start, stop, len(classes), path) if labels is not None else None
+    _write_shard(root, k, start, latents, identity["dtype"], checked)
+    return list(latents.shape[1:])
+
+
+def finish_store(out_dir: str | Path, identity: dict[str, Any], latent_shape: list[int]) -> dict[str, Any]:
+    """Write the manifest (every shard's size and SHA-256) once all shards are written; the store is complete."""
+    root = Path(out_dir)
     fsync_dir(root)
-
-    shards = [{"file": shard_name(k), "rows": min(num_items, (k + 1) * shard_size) - k * shard_size,
-               "bytes": (root / shard_name(k)).stat().st_size, "sha256": sha256_file(root / shard_name(k))}
-              for k in range(num_shards)]
+    shards = []
+    for k in range(num_shards(identity)):
+        start, stop = shard_range(identity, k)
+        path = root / shard_name(k)
+        shards.append({"file": path.name, "rows": stop - start, "bytes": path.stat().st_size,
+                       "sha256": sha256_file(path)})
+    classes = identity["classes"]
     manifest = {"format": FORMAT_VERSION, "projector": identity["projector"], "source": identity["source"],
-                "split": split, "latent_shape": latent_shape, "dtype": dtype, "count": num_items,
-                "shard_size": shard_size, "shards": shards, "created_unix": time.time(),
-                "code_version": code_version(), **({"classes": list(classes)} if classes else {})}
-    write_json_atomic(manifest_path, manifest)  # the store is complete from here on
-    plan_path.unlink(missing_ok=True)
+                "split": identity["split"], "latent_shape": latent_shape, "dtype": identity["dtype"],
+                "count": identity["num_items"], "shard_size": identity["shard_size"], "shards": shards,
+                "created_unix": time.time(), "code_version": code_version(),
+                **({"classes": classes} if classes else {})}
+    write_json_atomic(root / MANIFEST_FILE, manifest)  # the store is complete from here on
+    (root / PLAN_FILE).unlink(missing_ok=True)
     fsync_dir(root)
-    log.info("wrote store %s: %d items in %d shards, latent_shape %s %s", root, num_items, num_shards,
-             latent_shape, dtype)
+    log.info("wrote store %s: %d items in %d shards, latent_shape %s %s", root, identity["num_items"], len(shards),
+             latent_shape, identity["dtype"])
     return manifest
 
 
-def _labels_of(load_labels: Callable[[int, int], torch.Tensor], start: int, stop: int, num_classes: int,
-               path: Path) -> np.ndarray:
-    labels = np.asarray(load_labels(start, stop), dtype=np.int64).reshape(-1)
+def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callable[[int, int], torch.Tensor],
+                     encode: Callable[[torch.Tensor], torch.Tensor], projector: dict, source: dict, split: str,
+                     shard_size: int = 512, batch_size: int = 64, dtype: str = "float16",
+                     progress: bool = True, load_labels: Callable[[int, int], torch.Tensor] | None = None,
+                     classes: Sequence[str] = ()) -> dict[str, Any]:
+    """Encode items [0, num_items) into a store at `out_dir` (resuming an interrupted run); returns the manifest.
+
+    `load_images(start, stop)` gives images [n, 3, H, W] in [0, 1]; `encode` maps them to latents
+    [n, C, h, w]. A labelled source passes `classes` and `load_labels(start, stop)` -> int64 [n].
+    A complete store with the same identity is returned untouched; a store or plan with another
+    identity (projector, source, split, num_items, shard_size, dtype, classes) is refused,
+    naming the differing field, without modifying anything. One process; `lmd.data.precompute`
+    is the same build as a Ray Data pipeline (the same steps below, the same bytes).
+    """
+    root = Path(out_dir)
+    if bool(classes) != (load_labels is not None):
+        raise StoreError("classes and load_labels: give both (a labelled source) or neither")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise StoreError(f"batch_size: {batch_size!r} is not a positive int")
+    identity = store_identity(projector=projector, source=source, split=split, num_items=num_items,
+                              shard_size=shard_size, dtype=dtype, classes=classes)
+    manifest = open_store(root, identity)
+    if manifest is not None:
+        return manifest
+    todo, latent_shape = pending_shards(root, identity)
+    bar = tqdm(total=num_items, unit="img", desc=f"precompute {split}", disable=not progress)
+    with bar:
+        bar.update(num_items - sum(stop - start for start, stop in (shard_range(identity, k) for k in todo)))
+        for k in todo:
+            start, stop = shard_range(identity, k)
+            latents = _encode_range(start, stop, load_images, encode, batch_size, dtype, bar)
+            labels = load_labels(start, stop) if load_labels else None
+            latent_shape = write_shard(root, identity, k, latents, labels, latent_shape)
+    assert latent_shape is not None  # num_items >= 1: some shard was checked or written
+    return finish_store(root, identity, latent_shape)
+
+
+def _check_labels(labels: np.ndarray | torch.Tensor, start: int, stop: int, num_classes: int,
+                  path: Path) -> np.ndarray:
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.shape[0] != stop - start:
         raise StoreError(f"{path}: label: load_labels({start}, {stop}) gave {labels.shape[0]} labels")
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -422,4 +503,3 @@ def _refuse_other_identity(path: Path, made: Any, wanted: dict[str, Any]) -> Non
     if problems:
         raise StoreError(f"{path}: this store was made for another run: " + "; ".join(problems)
                          + f"; choose another out_dir or delete {path.parent}")
-
