@@ -154,8 +154,10 @@ class DataConfig:
     `dataset` images are encoded by `projector` at `resolution` into a Parquet latent store
     (`latents`, or a cached default store built on first use), streamed by Ray Data (`loader=ray`)
     or held in memory (`loader=memory`); `auto` holds stores up to `memory_limit_mb` (decoded) in
-    memory and streams larger ones. Both give the same batches at every step. `synthetic` skips
-    images and projector altogether.
+    memory and streams larger ones. In memory, each epoch is one permutation of the store; streamed,
+    each rank reads only its own lanes of the store (`lmd.data.lanes`: `stream_lanes` regions, each
+    shuffled in windows of `stream_window` items), so the two loaders give different, equally
+    deterministic orders. `synthetic` skips images and projector altogether.
     """
 
     dataset: str = option("bundled", "--dataset", "{default} (default), fashion-mnist, mnist, synthetic, or a "
@@ -168,6 +170,12 @@ class DataConfig:
     latents: str = option("", "--latents", "store from `lmd precompute` (default: a cached one)", "DIR")
     loader: str = option("auto", "--loader", "auto (default: memory if it fits, else Ray Data), ray or memory")
     memory_limit_mb: int = 2048
+    # Streamed order: the global batch takes batch_size / stream_lanes items from each lane; workers
+    # share out the lanes (so --workers must divide stream_lanes) and the order does not depend on them.
+    stream_lanes: int = option(8, "--stream-lanes", "streamed loader: store regions per batch (default {default})")
+    # Items of one lane shuffled together: larger windows mix more shards and hold more memory per worker.
+    stream_window: int = option(2048, "--stream-window", "streamed loader: items per lane shuffle window "
+                                "(default {default})")
     batch_size: int = option(64, "--batch-size", "global batch size (default {default})")
     num_train: int = option(2048, "--num-train", "training images (crops for the bundled photos; default {default})")
     num_val: int = option(256, "--num-val", "held-out images (default {default})")
@@ -184,6 +192,11 @@ class DataConfig:
         _require(not self.latents or Path(self.latents).is_dir(), "data.latents", self.latents,
                  "no such directory (make one with `lmd precompute`)")
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be > 0")
+        _require(self.stream_lanes > 0, "data.stream_lanes", self.stream_lanes, "must be > 0")
+        _require(self.stream_window > 0, "data.stream_window", self.stream_window, "must be > 0")
+        _require(self.loader != "ray" or self.batch_size % self.stream_lanes == 0, "data.batch_size",
+                 self.batch_size, f"must be a multiple of data.stream_lanes={self.stream_lanes} with loader=ray "
+                 "(each lane gives the same number of items to every batch)")
         _require(self.num_train >= self.batch_size, "data.num_train", self.num_train,
                  f"must be >= data.batch_size={self.batch_size}")
         _require(self.num_val > 0, "data.num_val", self.num_val, "must be > 0")

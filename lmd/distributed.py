@@ -6,11 +6,15 @@ model in DDP and runs `Engine.fit`; the engine's reporter hook turns each log ro
 `ray.train.report`, attaching the checkpoint rank 0 just wrote (the engine's own verified format,
 copied into the run's storage by Ray).
 
-Determinism: every worker receives the whole (small) latent store through `get_dataset_shard`
-(`DataConfig(datasets_to_split=[])`), draws the same global batch and mask noise for a step and
-trains on its slice, so the update equals the single-process engine's at any worker count, and a
-restart (worker failure or a rerun of the same run name) resumes at the exact step, LR and
-mask-scheduler position of the latest checkpoint.
+Data: each worker opens the store itself from a path all nodes see (shared storage). Streamed
+(`loader=ray`), a worker's Ray Data pipeline reads only the shards of its own lanes
+(`lmd.data.lanes`; Ray Data places the read tasks) and moves only its slice of each global batch to its device; in
+memory (small stores), every worker holds the store and takes its slice of the same global order.
+
+Determinism: either way the global batch and mask noise of a step do not depend on the worker
+count, so the update equals the single-process engine's (up to the all-reduce's summation order),
+and a restart (worker failure or a rerun of the same run name) resumes at the exact step, LR, data
+position and mask-scheduler position of the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -25,24 +29,13 @@ from typing import Any
 import torch
 
 from lmd.checkpoint import adopt_checkpoint, read_manifest
-from lmd.config import ClusterConfig, TrainConfig
-from lmd.data.latents import RunData, prepare_data, synthetic_data
-from lmd.data.memory import InMemoryLatents
+from lmd.config import ClusterConfig, ConfigError, TrainConfig
+from lmd.data.latents import prepare_data
 from lmd.engine import CHECKPOINT_DIR, Engine
 from lmd.io import storage_uri
 from lmd.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
-
-
-def _materialize(shard: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A worker's dataset shard as one tensor in store-index order: [N, C, H, W]."""
-    latents, index = [], []
-    for batch in shard.iter_torch_batches(batch_size=4096, dtypes={"latent": torch.float32, "index": torch.int64}):
-        latents.append(batch["latent"])
-        index.append(batch["index"])
-    order = torch.argsort(torch.cat(index))
-    return torch.cat(latents)[order].contiguous(), torch.cat(index)[order]
 
 
 def _reporter(placement: dict[str, Any]):
@@ -89,16 +82,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = setup_runtime(cfg, device=ray.train.torch.get_device())
-    d = cfg.data
-    if d.dataset != "synthetic" and d.loader == "memory":
-        data = prepare_data(cfg, progress=False)  # the worker reads the store itself (with projector and probe)
-    else:
-        if d.dataset == "synthetic":
-            train, val = synthetic_data(cfg)
-        else:
-            train, _ = _materialize(ray.train.get_dataset_shard("train"))
-            val, _ = _materialize(ray.train.get_dataset_shard("val"))
-        data = RunData(InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val, projector=None, store=None)
+    # Each worker opens the store itself, from a path every node sees: streamed (only its own lanes, read
+    # by Ray Data tasks) or in memory, with the projector and probe set.
+    data = prepare_data(cfg, progress=False, rank=rank, world_size=world, verify_checksums=False)
 
     # Engine checkpoints are written to worker-local scratch, then handed to Ray, which copies
     # them into the run's storage; on a restart the latest one comes back the same way.
@@ -122,6 +108,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _check_room_for_reads(cfg: TrainConfig, cluster: ClusterConfig) -> None:
+    """A streamed run's reads are Ray tasks of one CPU: refuse a placement whose workers take every CPU."""
+    import ray
+
+    if cfg.data.batch_size % cfg.data.stream_lanes or cfg.data.stream_lanes % cluster.workers:
+        raise ConfigError(f"data.stream_lanes={cfg.data.stream_lanes}: must divide data.batch_size="
+                          f"{cfg.data.batch_size} and be divisible by --workers={cluster.workers} (the store is "
+                          "streamed: each worker reads whole lanes)")
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - cluster.workers * cluster.cpus_per_worker < 1:
+        raise ConfigError(f"--workers={cluster.workers} x --cpus-per-worker={cluster.cpus_per_worker} reserve all "
+                          f"{total:g} CPUs of the cluster: the streamed store needs >= 1 free CPU for its reads "
+                          "(lower --cpus-per-worker, add nodes, or use --loader memory)")
+
+
 def run_name(cfg: TrainConfig) -> str:
     """Stable (no timestamp): rerunning the same command resumes the same run."""
     return f"lmd-{cfg.model.preset}-{cfg.mask.scheduler}-s{cfg.run.seed}"
@@ -141,15 +142,14 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
     from ray.train.torch import TorchTrainer
 
     cluster.validate(cfg)
-    datasets = {}
     if cfg.data.dataset != "synthetic":
-        from lmd.data.latents import resolve_store
+        from lmd.data.latents import resolve_loader, resolve_store
+        from lmd.data.store import read_manifest
 
-        root, _ = resolve_store(cfg)  # built once and validated against the run before any worker starts
-        if cfg.data.loader != "memory":  # "memory": each worker reads the store from a path its node sees
-            from lmd.data.stream import ray_dataset
-
-            datasets = {"train": ray_dataset(root / "train"), "val": ray_dataset(root / "val")}
+        root, _ = resolve_store(cfg)  # built once and hashed against the run before any worker starts
+        loader = resolve_loader(cfg.data.loader, read_manifest(root / "train"), cfg.data.memory_limit_mb)
+        if loader == "ray":
+            _check_room_for_reads(cfg, cluster)
     storage = storage_uri(cluster.storage)
     checkpoint_config = ray.train.CheckpointConfig(
         num_to_keep=cfg.run.keep_last,
@@ -166,7 +166,5 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
         run_config=ray.train.RunConfig(name=cluster.name or run_name(cfg), storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
                                        checkpoint_config=checkpoint_config, callbacks=callbacks or []),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     return trainer.fit()

@@ -76,7 +76,7 @@ class Reporter(Protocol):
 
 
 class BatchSource(Protocol):
-    """Anything that returns the training batch of a global step: [B, C, H, W]."""
+    """Anything that returns this rank's rows of a global step's batch: [B / world_size, C, H, W], any float dtype."""
 
     def batch(self, step: int) -> torch.Tensor: ...
 
@@ -188,13 +188,17 @@ class Engine:
                  reporter: Reporter | None = None, rank: int = 0, world_size: int = 1):
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
-        # Data parallelism: every rank draws the same global batch and mask noise for a step and trains
-        # on its slice, so N ranks compute the single-process update.
+        # Data parallelism: the batch source gives this rank its slice of the step's global batch, and every
+        # rank draws the same global mask noise and keeps its slice, so N ranks compute the single-process update.
         self.rank, self.world_size, self.reporter = rank, world_size, reporter
         self.device = device
         self.amp_dtype = autocast_dtype(cfg.run.precision, device)
         self.peak_flops = device_peak_flops(device)[1]  # for MFU on every row (known GPUs only)
         self.data = data.train
+        source = (getattr(self.data, "rank", 0), getattr(self.data, "world_size", 1))
+        if source != (rank, world_size):
+            raise ValueError(f"the batch source serves rank {source[0]} of {source[1]}, this engine is rank {rank} "
+                             f"of {world_size}: build the data with prepare_data(cfg, rank=, world_size=)")
         self.val_latents = data.val
         self.projector, self.val_images, self.probe = data.projector, data.val_images, data.probe
 
@@ -365,12 +369,13 @@ class Engine:
                 ratio = mask_ratio(self.step, total, self.cfg.mask)
                 lr = lr_at(self.step, total, self.cfg.optim)
                 set_lr(self.optimizer, lr)
-                latents = self.data.batch(self.step).to(self.device, non_blocking=True)
-                noise = self.mask_noise(latents.shape[0], self.step)
+                # This rank's rows of the global batch (only they travel to the device; float16 stores are
+                # cast there), and their rows of the global mask noise.
+                latents = self.data.batch(self.step).to(self.device, non_blocking=True).float()
+                noise = self.mask_noise(self.cfg.data.batch_size, self.step)
                 if self.world_size > 1:
-                    per_rank = latents.shape[0] // self.world_size
-                    mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-                    latents, noise = latents[mine], noise[mine]
+                    per_rank = self.cfg.data.batch_size // self.world_size
+                    noise = noise[self.rank * per_rank:(self.rank + 1) * per_rank]
                 pending.append(self.train_step(latents, ratio, noise))
                 flops += step_flops(self.cfg, ratio)
                 self.step += 1

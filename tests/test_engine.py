@@ -231,7 +231,10 @@ def test_every_row_carries_throughput_and_only_rank_zero_logs(tmp_path, caplog):
     # A second rank (no process group here: it trains its half-batch) writes its rows but logs nothing.
     caplog.set_level("INFO", logger="lmd.engine")
     caplog.clear()
-    Engine(cfg, tmp_path / "r1", prepare_data(cfg), torch.device("cpu"), rank=1, world_size=2).fit()
+    Engine(cfg, tmp_path / "r1", prepare_data(cfg, rank=1, world_size=2), torch.device("cpu"), rank=1,
+           world_size=2).fit()
+    with pytest.raises(ValueError, match="rank 0 of 1"):  # a source cut for another rank is refused
+        Engine(cfg, tmp_path / "r2", prepare_data(cfg), torch.device("cpu"), rank=1, world_size=2)
     assert not [r for r in caplog.records if r.name == "lmd.engine"]
     assert (tmp_path / "r1" / "metrics.jsonl").read_text().count("\n") == len(rows)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,12 +60,16 @@ def test_precompute_writes_train_and_val_stores(store):
     assert len(json.loads((store / "train" / "manifest.json").read_text())["shards"]) == 3
 
 
-def test_training_through_ray_data_equals_training_in_memory(store, tmp_path):
-    assert main([*TRAIN, "--latents", str(store), "--loader", "memory", "--run-dir", str(tmp_path / "mem")]) == 0
-    streamed = _lmd(*TRAIN, "--latents", str(store), "--loader", "ray", "--run-dir", str(tmp_path / "ray"))
+def test_lmd_train_streams_a_store_through_ray_data(store, tmp_path):
+    # The streamed order itself (lanes, windows, resume, workers) is tested in test_stream.py; this is the command.
+    streamed = _lmd(*TRAIN, "--latents", str(store), "--loader", "ray", "--stream-lanes", "4", "--stream-window", "8",
+                    "--run-dir", str(tmp_path / "ray"))
     assert streamed.returncode == 0, streamed.stderr[-2000:]
     assert "via ray" in streamed.stderr
-    assert _losses(tmp_path / "mem") == _losses(tmp_path / "ray")
+    losses = _losses(tmp_path / "ray")
+    assert [r[0] for r in losses] == [2, 4, 5, 6, 8, 10] and all(math.isfinite(r[1]) for r in losses)
+    config = json.loads((tmp_path / "ray" / "config.json").read_text())["data"]
+    assert (config["loader"], config["stream_lanes"], config["stream_window"]) == ("ray", 4, 8)
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -84,7 +84,7 @@ def expected_store(cfg: TrainConfig, projector: Projector) -> dict[str, Any]:
     return {"projector": projector.info(), "latent_shape": [m.in_chans, m.latent_size, m.latent_size]}
 
 
-def resolve_store(cfg: TrainConfig, progress: bool = True) -> tuple[Path, Projector]:
+def resolve_store(cfg: TrainConfig, progress: bool = True, verify_checksums: bool = True) -> tuple[Path, Projector]:
     """The run's store folder (built first if it is the cached default), validated against the run."""
     d = cfg.data
     projector = load_projector(d.projector)
@@ -99,7 +99,7 @@ def resolve_store(cfg: TrainConfig, progress: bool = True) -> tuple[Path, Projec
     for split in SPLITS:
         if not (root / split).is_dir():
             raise StoreError(f"{root / split}: missing; a latent store has train/ and val/ (see `lmd precompute`)")
-        validate_store(root / split, **expect)
+        validate_store(root / split, **expect, verify_checksums=verify_checksums)
     count = read_manifest(root / "train")["count"]
     if count < d.batch_size:
         raise StoreError(f"{root / 'train' / 'manifest.json'}: count={count} is smaller than "
@@ -126,13 +126,19 @@ def synthetic_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return train, synthetic_latents(d.num_val, m.in_chans, m.latent_size, seed=SYNTHETIC_SEED + 1)
 
 
-def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
+def prepare_data(cfg: TrainConfig, progress: bool = True, *, rank: int = 0, world_size: int = 1,
+                 verify_checksums: bool = True) -> RunData:
+    """The run's data; under data parallelism, the batch source of rank `rank` of `world_size`.
+
+    Ray Train workers pass verify_checksums=False: the driver hashed the store once before they started.
+    """
     d = cfg.data
     if d.dataset == "synthetic":
         train, val = synthetic_data(cfg)
-        return RunData(InMemoryLatents(train, d.batch_size, seed=cfg.run.seed), val, None, None)
+        return RunData(InMemoryLatents(train, d.batch_size, seed=cfg.run.seed, rank=rank, world_size=world_size),
+                       val, None, None)
 
-    root, projector = resolve_store(cfg, progress)
+    root, projector = resolve_store(cfg, progress, verify_checksums=verify_checksums)
     manifest = read_manifest(root / "train")
     count = manifest["count"]
     val = read_store(root / "val", validate=False)  # resolve_store validated it
@@ -142,9 +148,12 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> RunData:
         from lmd.entry import init_ray
 
         init_ray(log_to_driver=False)  # local Ray, or the cluster named by RAY_ADDRESS (no-op under Train/Tune)
-        train = RayLatentStream(root / "train", d.batch_size, seed=cfg.run.seed)
+        train = RayLatentStream(root / "train", d.batch_size, seed=cfg.run.seed, lanes=d.stream_lanes,
+                                window_items=d.stream_window, rank=rank, world_size=world_size,
+                                total_steps=cfg.run.steps)
     else:
-        train = InMemoryLatents(read_store(root / "train", validate=False), d.batch_size, seed=cfg.run.seed)
+        train = InMemoryLatents(read_store(root / "train", validate=False), d.batch_size, seed=cfg.run.seed,
+                                rank=rank, world_size=world_size)
     log.info("latents: %s (%d train items, %d val) via %s", root, count, val.shape[0], loader)
     return RunData(train, val, projector, root, val_images(root, min(PSNR_IMAGES, val.shape[0])),
                    probe_set(root, d.num_probe, train=getattr(train, "latents", None), val=val))

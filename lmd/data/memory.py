@@ -42,16 +42,24 @@ def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> torc
 
 
 class InMemoryLatents:
-    """A tensor of latents [N, C, H, W] served as fixed-size, epoch-shuffled batches."""
+    """A tensor of latents [N, C, H, W] served as fixed-size, epoch-shuffled batches.
 
-    def __init__(self, latents: torch.Tensor, batch_size: int, seed: int, labels: torch.Tensor | None = None):
+    With `world_size` > 1, `batch(step)` is rank `rank`'s slice of the global batch (every rank draws
+    the same global order), like the streamed source, so the engine never slices a batch itself.
+    """
+
+    def __init__(self, latents: torch.Tensor, batch_size: int, seed: int, labels: torch.Tensor | None = None, *,
+                 rank: int = 0, world_size: int = 1):
         if latents.ndim != 4:
             raise ValueError(f"latents must be [N, C, H, W], got shape {tuple(latents.shape)}")
         if batch_size > latents.shape[0]:
             raise ValueError(f"batch_size={batch_size} exceeds the {latents.shape[0]} samples available")
         if labels is not None and labels.shape != latents.shape[:1]:
             raise ValueError(f"labels must be [{latents.shape[0]}], got shape {tuple(labels.shape)}")
+        if world_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of {world_size}: batch_size={batch_size} must split evenly")
         self.latents = latents
+        self.rank, self.world_size = rank, world_size
         self.labels = labels  # [N] int64 class of each item, for labelled stores
         self.batch_size = batch_size
         self.seed = seed
@@ -69,12 +77,14 @@ class InMemoryLatents:
         return self._perm
 
     def batch_ids(self, step: int) -> torch.Tensor:
-        """Item indices of the batch consumed at global `step`: [batch_size]."""
+        """Item indices of this rank's part of the batch consumed at global `step`: [batch_size // world_size]."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        return self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        local = self.batch_size // self.world_size
+        start = index * self.batch_size + self.rank * local
+        return self._permutation(epoch)[start:start + local]
 
     def batch(self, step: int) -> torch.Tensor:
-        """The batch consumed at global `step`: [batch_size, C, H, W]."""
+        """This rank's part of the batch consumed at global `step`: [batch_size // world_size, C, H, W]."""
         return self.latents[self.batch_ids(step)]
 
     def labelled_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,32 +1,33 @@
-"""Streaming a latent store through Ray Data, with a batch order that is a pure function of (seed, step).
+"""Streaming a latent store through Ray Data: each rank reads its own part, in a batch order fixed by (seed, step).
 
 `ray_dataset` is the plain read: the manifest's shards -> decoded rows ``{"latent": float32 [C, h, w],
-"index": int64}``. `RayLatentStream` is the engine's batch source on top of it.
+"index": int64}``. `RayLatentStream` is the engine's batch source: one Ray Data pipeline for the whole
+run whose tasks read the shards of this rank's lanes (`lmd.data.lanes.StreamPlan`), one shuffle
+window per task, and hand back this rank's slice of every global batch, in the store's dtype
+(float16 latents travel at half the bytes; the engine casts on the device).
 
-How the order is made exact: the order of epoch e is the same permutation `InMemoryLatents` draws
-(`lmd.data.memory.epoch_order`), so the two sources give identical batches.
-Each row gets its position in that permutation as a sort key, and ``Dataset.sort`` on that key (with
-fixed range boundaries, so no sampling) puts the rows in that order. A sort is a semantic guarantee,
-unlike ``random_shuffle(seed=...)``, whose output depends on how Ray happened to cut the data into
-blocks (and so on the cluster's CPU count); here the batch at step t does not depend on the cluster.
-Resuming mid-epoch at position i drops the rows before ``i * batch_size`` before the sort, so nothing
-is read twice, and the iterator then starts exactly at batch i.
+Why the order is exact: a task's output is a pure function of (plan, epoch, window), and the
+pipeline preserves task order, so the batch at step t does not depend on how Ray cut or scheduled
+the work, on the cluster's size, or on the number of ranks. Resuming at step t starts the pipeline
+at t's window and drops the steps before t inside it: nothing is read twice.
+
+Why memory is bounded: at most `readers` window tasks run per rank, and the pipeline's object-store
+budget holds a few windows; a rank never holds more than that, whatever the store's size.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
-from lmd.data.memory import epoch_order
-from lmd.data.store import decode_latents, validate_store
+from lmd.data.lanes import StreamPlan
+from lmd.data.store import StoreError, decode_latents, item_width, validate_store
 
 if TYPE_CHECKING:
     import ray.data
@@ -46,13 +47,6 @@ def _require_ray() -> None:
 def _decode(batch: pa.Table, latent_shape: list[int], dtype: str) -> dict[str, np.ndarray]:
     return {"latent": decode_latents(batch["latent"], latent_shape, dtype),
             "index": batch["index"].to_numpy()}
-
-
-def _keep_and_key(batch: pa.Table, rank: np.ndarray, start: int, stop: int) -> pa.Table:
-    """Attach each row's position in the epoch order; keep positions [start, stop)."""
-    key = rank[batch["index"].to_numpy()]
-    batch = batch.append_column("key", pa.array(key))
-    return batch.filter(pc.and_(pc.greater_equal(batch["key"], start), pc.less(batch["key"], stop)))
 
 
 def _read_shards(root: Path, manifest: dict[str, Any]) -> ray.data.Dataset:
@@ -85,112 +79,169 @@ def ray_dataset(store_dir: str | Path, *, verify_checksums: bool = False) -> ray
                           fn_kwargs={"latent_shape": manifest["latent_shape"], "dtype": manifest["dtype"]})
 
 
-class RayLatentStream:
-    """Engine-facing batch source that streams the store through Ray Data.
 
-    `batch(step)` is a pure function of (store, batch_size, seed, step): consecutive steps reuse one
-    live iterator; any other step (a resume, a jump back) rebuilds that epoch's pipeline starting at
-    the step's batch. Each epoch drops its ragged tail (``count % batch_size`` items). Call
-    `validate_store` with the run's expectations before building one (only the store's own
-    consistency is checked here; pass verify_checksums=True to hash the shards as well).
+# ---------------------------------------------------------------------------------------------- windows
+def _shard_rows(path: Path, rows: int, first: int, width: int, size: int) -> np.ndarray:
+    """Shard `path`'s latents as raw bytes [rows, width], after checking it is the shard the manifest names."""
+    try:
+        actual = path.stat().st_size
+        if actual != size:
+            raise StoreError(f"{path}: bytes: {actual}, manifest says {size} (replaced or truncated mid-run)")
+        table = pq.ParquetFile(path).read(columns=["index", "latent"])
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"{path}: Parquet unreadable ({type(err).__name__}: {err})") from None
+    column = table["latent"].combine_chunks()
+    if column.type != pa.binary(width) or column.null_count or len(column) != rows:
+        raise StoreError(f"{path}: latent: {len(column)} rows of {column.type}, manifest expects {rows} rows of "
+                         f"fixed_size_binary[{width}]")
+    index = table["index"].to_numpy()
+    if index[0] != first or index[-1] != first + rows - 1:
+        raise StoreError(f"{path}: index: items [{index[0]}, {index[-1]}], expected [{first}, {first + rows - 1}] "
+                         "(a shard of another store?)")
+    return np.frombuffer(column.buffers()[1], dtype=np.uint8, count=rows * width,
+                         offset=column.offset * width).reshape(rows, width)
+
+
+def _read_window(task: dict[str, np.ndarray], root: str, plan: StreamPlan, lanes: range,
+                 shards: list[dict[str, Any]], width: int) -> dict[str, np.ndarray]:
+    """One Ray Data task: this rank's rows of one shuffle window, [steps * local_batch] in step order."""
+    epoch, window, skip, stop = (int(task[k][0]) for k in ("epoch", "window", "skip", "stop"))
+    ids = plan.window_ids(epoch, window, lanes)[skip:stop].reshape(-1)  # [n] item ids, consumption order
+    starts = np.cumsum([0] + [s["rows"] for s in shards])
+    shard_of = np.searchsorted(starts, ids, side="right") - 1
+    out = np.empty((len(ids), width), dtype=np.uint8)
+    for k in np.unique(shard_of):  # each shard the window touches is read once
+        shard, mine = shards[k], shard_of == k
+        rows = _shard_rows(Path(root) / shard["file"], shard["rows"], int(starts[k]), width, shard["bytes"])
+        out[mine] = rows[ids[mine] - starts[k]]
+    return {"latent": out, "index": ids}
+
+
+def _store_error(err: BaseException) -> StoreError | None:
+    """The StoreError a Ray task raised, if that is what ended the pipeline (Ray wraps it in a RayTaskError)."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return None
+        inner = getattr(seen, "cause", None)  # RayTaskError(StoreError) is itself a StoreError: unwrap it first
+        if isinstance(inner, BaseException):
+            seen = inner
+            continue
+        if isinstance(seen, StoreError):
+            return StoreError(str(seen).splitlines()[0])  # Ray appends its retry advice on later lines
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class RayLatentStream:
+    """The engine's batch source over a store in Parquet: this rank's slice of each global batch, via Ray Data.
+
+    `batch(step)` is a pure function of (store, batch_size, seed, lanes, window_items, step) and of
+    nothing about the cluster: consecutive steps read one long-lived pipeline, built at the first
+    call and covering every step up to `total_steps` (so epochs flow without a restart); any other
+    step (a resume, a jump back) rebuilds it from that step's window. Call `validate_store` with the
+    run's expectations before building one (here only the store's own consistency is checked; pass
+    verify_checksums=True to hash the shards as well). Each task re-checks the shards it reads, so a
+    shard replaced mid-run stops the run with a StoreError naming the file.
     """
 
     def __init__(self, store_dir: str | Path, batch_size: int, seed: int, shuffle: bool = True, *,
-                 verify_checksums: bool = False, prefetch: bool = True):
+                 lanes: int = 8, window_items: int = 2048, rank: int = 0, world_size: int = 1,
+                 total_steps: int | None = None, readers: int = 2, verify_checksums: bool = False):
         _require_ray()
-        self.store_dir = Path(store_dir)
+        self.store_dir = Path(store_dir).resolve()
         self.manifest = validate_store(self.store_dir, verify_checksums=verify_checksums)
         self.count: int = self.manifest["count"]
-        if not 1 <= batch_size <= self.count:
-            raise ValueError(f"batch_size={batch_size}: must be in [1, {self.count}] (the store's item count)")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.steps_per_epoch = self.count // batch_size
-        self.prefetch = prefetch
+        try:
+            self.plan = StreamPlan(tuple(s["rows"] for s in self.manifest["shards"]), batch_size, seed, lanes,
+                                   window_items, shuffle)
+            self.lanes = self.plan.rank_lanes(rank, world_size)
+        except ValueError as err:
+            raise StoreError(f"{self.store_dir}: {err}") from None
+        if readers < 1:
+            raise ValueError(f"readers={readers}: must be >= 1")
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        self.total_steps, self.readers = total_steps, readers
+        self.width = item_width(self.manifest["latent_shape"], self.manifest["dtype"])
         self._iter: Any = None
-        self._next_step = -1
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: tuple[int, Future] | None = None  # (epoch, future of its materialized dataset)
+        self._next_step, self._end_step = -1, -1
 
     def __len__(self) -> int:
         return self.count
 
     def __getstate__(self) -> dict[str, Any]:
         # A live Ray iterator cannot travel (e.g. to a Ray Train worker); the receiver rebuilds it.
-        return {**self.__dict__, "_iter": None, "_next_step": -1, "_pool": None, "_ahead": None}
+        return {**self.__dict__, "_iter": None, "_next_step": -1, "_end_step": -1}
 
-    def _pipeline(self, epoch: int, position: int) -> ray.data.Dataset:
-        """Rows of `epoch` from batch `position` on, in the epoch's order, decoded."""
-        order = epoch_order(self.count, self.seed, epoch, self.shuffle).numpy()
-        rank = np.empty(self.count, dtype=np.int64)
-        rank[order] = np.arange(self.count)  # rank[item] = its position in the epoch
-        start, stop = position * self.batch_size, self.steps_per_epoch * self.batch_size
-        ds = _read_shards(self.store_dir, self.manifest)
-        ds.context.enable_progress_bars = False  # one pipeline per epoch: bars would flood the run's log
-        ds = ds.map_batches(_keep_and_key, batch_format="pyarrow", fn_kwargs={"rank": rank, "start": start,
-                                                                              "stop": stop})
-        # Fixed, evenly spaced boundaries: about one output block per shard, and no sampling pass.
-        parts = max(1, min(len(self.manifest["shards"]), stop - start))
-        bounds = sorted({start + (stop - start) * j // parts for j in range(1, parts)})
-        ds = ds.sort("key", boundaries=bounds or None)
-        return ds.map_batches(_decode, batch_format="pyarrow", zero_copy_batch=True,
-                              fn_kwargs={"latent_shape": self.manifest["latent_shape"],
-                                         "dtype": self.manifest["dtype"]})
+    def _windows(self, step: int) -> tuple[list[dict[str, int]], int]:
+        """Window tasks from `step` to the pipeline's end (`total_steps`, at least the end of step's epoch)."""
+        plan, spe = self.plan, self.plan.steps_per_epoch
+        end = max(self.total_steps or 0, (step // spe + 1) * spe)
+        tasks, at = [], step
+        while at < end:
+            epoch, window, skip = plan.locate(at)
+            stop = min(plan.window_steps, spe - window * plan.window_steps, skip + end - at)
+            tasks.append({"epoch": epoch, "window": window, "skip": skip, "stop": stop})
+            at += stop - skip
+        return tasks, end
 
     def _open(self, step: int) -> None:
-        self._end_epoch()
-        _require_ray()
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if position:
-            log.info("starting the latent stream mid-epoch: epoch %d, batch %d", epoch, position)
-        if position == 0 and self._ahead is not None and self._ahead[0] == epoch:
-            ds = self._ahead[1].result()  # built while the previous epoch trained
-        else:
-            ds = self._pipeline(epoch, position)
-        self._ahead = None
-        if self.prefetch:
-            # Each epoch's sort pipeline takes seconds to schedule on a small machine: build the
-            # next one in the background (materialised into the object store) while this one trains.
-            self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmd-prefetch")
-            self._ahead = (epoch + 1, self._pool.submit(lambda: self._pipeline(epoch + 1, 0).materialize()))
-        self._iter = iter(ds.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device="cpu"))
+        import ray.data
+        from ray.data import ExecutionResources
 
-    def _end_epoch(self) -> None:
+        self.close()
+        _require_ray()
+        tasks, self._end_step = self._windows(step)
+        if step % self.steps_per_epoch:
+            log.info("starting the latent stream mid-epoch at step %d", step)
+        window_bytes = self.plan.window_steps * self.local_batch * self.width
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        ds.context.enable_progress_bars = False  # the run's log has its own progress rows
+        ds.context.execution_options.preserve_order = True  # task order is batch order
+        ds.context.raise_original_map_exception = True  # a StoreError arrives as itself, not as UserCodeException
+        # A few windows in flight, whatever the store's size: this bounds the rank's memory.
+        ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
+            object_store_memory=(self.readers + 2) * window_bytes)
+        ds = ds.map_batches(_read_window, batch_size=1, batch_format="numpy",
+                            compute=ray.data.TaskPoolStrategy(size=self.readers),
+                            fn_kwargs={"root": str(self.store_dir), "plan": self.plan, "lanes": self.lanes,
+                                       "shards": self.manifest["shards"], "width": self.width})
+        self._iter = iter(ds.iter_batches(batch_size=self.local_batch, batch_format="numpy", prefetch_batches=2))
+        self._next_step = step
+
+    def close(self) -> None:
+        """Stop the live pipeline; the next `batch` call rebuilds what it needs."""
         if self._iter is not None and hasattr(self._iter, "close"):
             self._iter.close()
         self._iter, self._next_step = None, -1
 
-    def close(self) -> None:
-        """Stop the live pipeline and any prefetch; the next `batch` call rebuilds what it needs."""
-        self._end_epoch()
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-            try:
-                self._ahead[1].result()  # let a running build finish before Ray may be shut down
-            except Exception:  # noqa: BLE001 - a cancelled or failed prefetch is simply dropped
-                pass
-            self._ahead = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
     def batch_with_index(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch at global `step` ([batch_size, C, h, w] float32) and the store index of each row."""
+        """This rank's rows of the batch at global `step` ([local_batch, C, h, w] in the store's dtype) and
+        the store index of each row."""
         if step < 0:
             raise ValueError(f"step={step}: must be >= 0")
-        if self._iter is None or step != self._next_step:
+        if self._iter is None or step != self._next_step or step >= self._end_step:
             self._open(step)
         try:
             out = next(self._iter)
-        except StopIteration:  # the pipeline guarantees steps_per_epoch batches; this is a Ray-side fault
-            self._end_epoch()
-            raise RuntimeError(f"{self.store_dir}: Ray Data ended epoch early at step {step}") from None
+        except StopIteration:  # the tasks cover every step up to _end_step; this is a Ray-side fault
+            self.close()
+            raise RuntimeError(f"{self.store_dir}: the Ray Data stream ended early at step {step}") from None
+        except Exception as err:
+            self.close()
+            cause = _store_error(err)
+            if cause is not None:
+                raise cause from None  # one line naming the shard, not a page of Ray task tracebacks
+            raise
         self._next_step = step + 1
-        if self._next_step % self.steps_per_epoch == 0:
-            self._end_epoch()  # epoch done: release its pipeline; the next step opens the prefetched one
-        return out["latent"], out["index"]
+        dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        latents = out["latent"].view(dtype).reshape(-1, *self.manifest["latent_shape"])
+        # Ray hands out read-only views of its object store; the copy is the rank's own batch.
+        return torch.from_numpy(latents.copy()), torch.from_numpy(out["index"].copy())
 
     def batch(self, step: int) -> torch.Tensor:
-        """The batch consumed at global `step`: [batch_size, C, h, w] float32."""
+        """This rank's rows of the batch at global `step`: [local_batch, C, h, w] in the store's dtype."""
         return self.batch_with_index(step)[0]
