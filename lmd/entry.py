@@ -7,6 +7,7 @@ or join Ray with the same options, failing in seconds (not minutes of retries) o
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from typing import NoReturn
@@ -26,6 +27,35 @@ def fail(message: str, code: int = EXIT_RUNTIME, prog: str = "lmd") -> NoReturn:
 
 class ClusterUnreachable(ConnectionError):
     """No Ray cluster answers at the given address; the message names it."""
+
+
+class NotEnoughResources(ValueError):
+    """A local Ray cannot hold what one trial or worker group asks for (it would wait forever)."""
+
+
+def local_ray(address: str | None) -> bool:
+    """Whether `init_ray(address)` starts a Ray on this machine (no address, no RAY_ADDRESS) rather than joining one."""
+    return not address and not os.environ.get("RAY_ADDRESS")
+
+
+def check_cluster_resources(need: dict[str, tuple[str, float]], address: str | None, what: str) -> str | None:
+    """After `init_ray`: is `need` (resource -> (the flag that asked, amount)) within the cluster's total?
+
+    A local Ray never grows, so a shortfall raises NotEnoughResources naming the flag; a cluster may
+    (an autoscaler adds nodes on demand, as cluster/gpu.yaml's GPU workers start from zero), so a
+    shortfall there is returned as a warning to print, not refused.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    short = [f"{flag} (the {'cluster' if not local_ray(address) else 'local Ray'} has {total.get(name, 0):g} {name})"
+             for name, (flag, amount) in need.items() if amount > total.get(name, 0)]
+    if not short:
+        return None
+    if local_ray(address):
+        raise NotEnoughResources(f"{what} asks for more than this machine has: {'; '.join(short)}")
+    return (f"{what} asks for more than the cluster holds now: {'; '.join(short)}; trials wait until its autoscaler "
+            "adds nodes (Ctrl-C if it has none)")
 
 
 def check_reachable(address: str) -> None:

@@ -18,7 +18,8 @@ import torch
 from lmd.config import TrainConfig
 from lmd.data.latents import prepare_data
 from lmd.device import resolve_device
-from lmd.engine import Engine, Reporter
+from lmd.engine import Engine, Reporter, RunDirError
+from lmd.locks import LOCK_FILE, LockedError, hold
 
 
 def setup_runtime(cfg: TrainConfig, device: torch.device | None = None, threads: int | None = None) -> torch.device:
@@ -45,6 +46,15 @@ def local_engine(cfg: TrainConfig, run_dir: str | Path, reporter: Reporter | Non
     """The engine of a single-process run: data from the run's store (or synthetic), on the run's device.
 
     A streamed store (`data.loader=ray`) starts or joins Ray here, at the entry point, not in the engine.
+    The run directory is locked (`<run_dir>/.lock`) for as long as the engine lives: a second process
+    training into it is refused with RunDirError naming the first one's pid.
     """
     device = setup_runtime(cfg, threads=threads)
-    return Engine(cfg, run_dir, prepare_data(cfg), device, reporter=reporter)
+    data = prepare_data(cfg)
+    try:  # after the data, so a bad store or dataset leaves the run directory untouched
+        lock = hold(Path(run_dir) / LOCK_FILE, f"run directory {run_dir}")
+    except LockedError as err:
+        raise RunDirError(str(err)) from None
+    engine = Engine(cfg, run_dir, data, device, reporter=reporter)
+    engine.run_lock = lock  # released when the engine is collected, or when the process ends however it ends
+    return engine

@@ -7,9 +7,12 @@ this module is the rest, in the order a run goes through it:
    line with exit code 2, never a traceback.
 2. `check_start`: a new experiment needs a free folder; a resumed one must be restorable, of this
    layout (trials carry a `TrialSpec`) and defined by the same flags as in its args.json.
-3. `fit`: connect Ray (a wrong --address is one line, exit 1); only then create the experiment
-   folder with args.json and the experiment's own records, so a failed start leaves nothing that
-   would block a rerun; restore the Tuner (--resume) or build it; fit.
+3. `fit`: connect Ray (a wrong --address is one line, exit 1) and check that it holds one trial's
+   CPUs and GPUs (a local Ray that cannot is refused; a cluster that cannot yet is warned about,
+   as its autoscaler may add nodes); take the experiment's lock (`.<name>.lock` beside it: a second
+   driver of the same experiment is refused naming the first one's pid); only then create the
+   experiment folder with args.json and the experiment's own records, so a failed start leaves
+   nothing that would block a rerun; restore the Tuner (--resume) or build it; fit.
 4. `write_results`, `finish`: the results table, reconstruction pictures, the dashboard, and
    failed trials reported (exit 1).
 """
@@ -26,15 +29,26 @@ from typing import Any
 
 import pandas as pd
 
-from lmd.config import ConfigError, TrainConfig
-from lmd.entry import EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, fail, init_ray
+from lmd.config import ConfigError, TrainConfig, check_name
+from lmd.entry import (
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    ClusterUnreachable,
+    NotEnoughResources,
+    check_cluster_resources,
+    fail,
+    init_ray,
+    local_ray,
+)
 from lmd.experiments.results import ARGS_FILE, RESULTS_FILE, tidy_table, write_table
 from lmd.experiments.trial import Placement, check_placement, run_trial, trial_resources
 from lmd.io import read_json_object, storage_uri, write_json_atomic
+from lmd.locks import Lock, LockedError, hold
 
 # args.json's "layout": 2 = every trial's Tune config holds a TrialSpec under "trial". Experiments of
 # an older layout stay readable (analysis/dashboard.py) but are not resumed.
 LAYOUT = 2
+_HELD_LOCKS: list[Lock] = []  # the experiment lock, held until this driver process exits
 
 
 class RefusedStart(ConfigError):
@@ -77,8 +91,26 @@ class ExperimentSpec:
         return Placement(workers=self.workers_per_trial, cpus=self.cpus_per_trial, gpus=self.gpus_per_trial,
                          train_storage=f"{self.path}/train")
 
+    @property
+    def lock_path(self) -> Path:
+        """`<storage>/.<name>.lock`: beside the folder, so taking it creates nothing a rerun would trip on."""
+        return Path(self.storage_path) / f".{self.name}.lock"
+
     def validate(self, batch_size: int) -> ExperimentSpec:
+        check_name(self.name, "--name")
+        if not self.name:
+            raise ConfigError("--name='': an experiment needs a name")
+        if "://" in self.storage:  # refused, not faked: these files would land in a local folder named "s3:"
+            raise ConfigError(f"--storage={self.storage}: the experiment's own files (args.json, results, summary, "
+                              "pictures, dashboard) are written with local file operations, so --storage must be a "
+                              "path (on a cluster: a shared mount every node sees, e.g. NFS or mountpoint-s3)")
         check_placement(self.placement(), batch_size)
+        if self.gpus_per_trial > 0 and local_ray(self.address):
+            import torch  # what a local Ray will find; a cluster's GPUs are checked once connected (`fit`)
+
+            if torch.cuda.device_count() < self.gpus_per_trial:
+                raise ConfigError(f"--gpus-per-trial={self.gpus_per_trial:g}: this machine has "
+                                  f"{torch.cuda.device_count()} GPU(s) visible, and no --address names a cluster")
         return self
 
 
@@ -181,8 +213,24 @@ def fit(exp: ExperimentSpec, new_tuner: Callable[[Any], Any], flags: Mapping[str
 
     try:
         init_ray(exp.address, log_to_driver=False)
+        need = {"CPU": (f"--cpus-per-trial={exp.cpus_per_trial:g}", exp.cpus_per_trial),
+                "GPU": (f"--gpus-per-trial={exp.gpus_per_trial:g}", exp.gpus_per_trial)}
+        warning = check_cluster_resources(need, exp.address, "one trial")
+        if warning:
+            print(f"{exp.prog}: warning: {warning}", file=sys.stderr, flush=True)
+        _HELD_LOCKS.append(hold(exp.lock_path, f"experiment {exp.folder}"))
+        if not exp.resume and exp.folder.exists():  # a driver of the same name that finished while this one planned
+            raise RefusedStart(f"{exp.folder} already holds an experiment: pass --resume to continue it, or choose "
+                               "another --name")
     except ClusterUnreachable as err:
+        ray.shutdown()
         fail(str(err), EXIT_RUNTIME, exp.prog)
+    except LockedError as err:
+        ray.shutdown()
+        fail(str(err), EXIT_RUNTIME, exp.prog)
+    except (NotEnoughResources, RefusedStart) as err:
+        ray.shutdown()
+        fail(str(err), EXIT_USAGE, exp.prog)
     # Only now, with everything that can fail on bad input behind us, does the experiment folder appear.
     exp.folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(exp.folder / ARGS_FILE, {**flags, "layout": LAYOUT})
