@@ -7,11 +7,20 @@
 #   cluster/local_cluster.sh stop [PORT]
 #
 # `stop` ends only the processes of the cluster this script started (found by its private temp
-# dir), never another Ray on the machine, unlike `ray stop`.
+# dir or its exact GCS address), never another Ray on the machine, unlike `ray stop`. PORT must be
+# an integer in 1024-65535 and CPUS_PER_NODE a positive integer: they are checked before anything
+# is started, killed or removed.
 set -euo pipefail
 cmd=${1:-start}
 port=${2:-6389}
 cpus=${3:-2}
+if ! [[ "$port" =~ ^[0-9]{4,5}$ ]] || (( 10#$port < 1024 || 10#$port > 65535 )); then
+  echo "local_cluster.sh: error: PORT=$port: must be an integer in 1024-65535" >&2; exit 2
+fi
+if ! [[ "$cpus" =~ ^[0-9]{1,4}$ ]] || (( 10#$cpus < 1 )); then
+  echo "local_cluster.sh: error: CPUS_PER_NODE=$cpus: must be a positive integer" >&2; exit 2
+fi
+port=$((10#$port))
 tmp="/tmp/lmd-cluster-$port"
 export RAY_AUTH_MODE=token  # Ray 2.60 clusters started by `ray start` require token auth
 ray_bin=${RAY_BIN:-ray}
@@ -26,8 +35,9 @@ case "$cmd" in
     echo "127.0.0.1:$port"
     ;;
   stop)
-    # Every process of this cluster carries its temp dir or its GCS port on the command line.
-    pids=$(pgrep -f -- "$tmp|127.0.0.1:$port" || true)
+    # Every process of this cluster carries its temp dir or its GCS address on the command line; the
+    # port must end there (6390 must not match 63901), the temp dir must be followed by / or a non-digit.
+    pids=$(pgrep -f -- "$tmp(/|[^0-9]|\$)|127\.0\.0\.1:$port([^0-9]|\$)" || true)
     [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
     rm -rf "$tmp"
     ;;

@@ -30,8 +30,18 @@ def test_only_ssh_is_open_and_no_credentials_are_in_the_file(path):
     assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "--ray-client-server-port" not in head
-    for secret in ("aws_access_key_id", "aws_secret_access_key", "AKIA", "password", "token:"):
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "AKIA", "password", "RAY_AUTH_TOKEN="):
         assert secret.lower() not in text.lower()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_node_starts_ray_with_token_authentication(path):
+    """RAY_AUTH_MODE=token on each `ray start`, the token file (not its value) copied to every node."""
+    config = yaml.safe_load(path.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+    assert config["file_mounts"].get("/home/ubuntu/.ray/auth_token") == "~/.ray/auth_token"
 
 
 def test_gpu_workers_autoscale_from_zero_and_fit_max_workers():
