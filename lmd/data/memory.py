@@ -34,7 +34,7 @@ def synthetic_latents(num: int, channels: int, size: int, seed: int, waves: int 
 
 
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    """Item indices of epoch `epoch` in training order: the one permutation every batch source draws."""
+    """Item indices of epoch `epoch` in the in-memory training order (streamed stores use `lmd.data.lanes`)."""
     if not shuffle:
         return torch.arange(count)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
