@@ -203,6 +203,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             fail(f"--{flag.replace('_', '-')}={value}: must be > 0", EXIT_USAGE)
     if "://" in args.out:  # the store is written with local renames and fsyncs
         fail(f"--out={args.out}: must be a local folder (or a shared file system mounted on this node)", EXIT_USAGE)
+    started_ray = False  # shut down only a Ray this command started (main() may run inside a Ray driver)
     try:
         projector = load_projector(args.projector)
         projector.latent_shape(args.resolution)  # checks the resolution against the downsampling factor
@@ -213,6 +214,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         if build.chunks():
             import ray
 
+            started_ray = not ray.is_initialized()
             init_ray(args.address)  # a wrong address: ClusterUnreachable, one line from main()
             try:
                 pool = encoder_pool(args.encoders, "auto", ray.cluster_resources())
@@ -222,7 +224,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     except (StoreError, ProjectorError, ImageSourceError, PipelineError) as err:
         fail(str(err), EXIT_RUNTIME)
     finally:
-        _shutdown_ray()
+        if started_ray:
+            _shutdown_ray()
     print(json.dumps({"store": str(Path(args.out)), "projector": projector.info()}))
     return 0
 

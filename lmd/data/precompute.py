@@ -54,10 +54,11 @@ log = logging.getLogger(__name__)
 class PipelineError(RuntimeError):
     """A read or encode task of the pipeline failed; the message is the task's own error, in one line."""
 
+
 NAMED_DATASETS = ("bundled", "fashion-mnist", "mnist")
-# A CPU encoder declares half a CPU: reads cost ~5-10x less than encodes (128 px, lmd-f8c4), so one
-# single-threaded encoder per core keeps the cores busy, and the half-CPUs left over schedule the
-# reads (a whole CPU per encoder would hold every CPU and starve them).
+# A CPU encoder declares half a CPU: reads cost 4x less than encodes or better (128 px, lmd-f8c4:
+# benchmarks/precompute.py --profile), so one single-threaded encoder per core keeps the cores busy
+# while a CPU stays declared for the reads (a whole CPU per encoder would hold every CPU and starve them).
 CPU_ENCODER_CPUS = 0.5
 
 
@@ -145,8 +146,8 @@ class _Encoder:
 
         if device == "cpu":
             torch.set_num_threads(threads)  # what the actor reserved, not every core of the node
-        # [ref]: nested, so the weights are fetched here once rather than being a constructor argument
-        # that Ray pins for actor restarts.
+        # [ref]: the driver puts the weights in the object store once; a nested ref is not resolved by
+        # Ray, so each actor fetches them here instead of carrying a pickled module in its arguments.
         self.projector = ray.get(projector[0]).to(device).eval()
         self.dtype, self.device = dtype, device
 
