@@ -109,24 +109,34 @@ def lmd(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("case", ["not_a_store", "bad_projector", "bad_dataset", "object_store", "bad_encoders"])
-def test_a_refused_precompute_ends_in_one_line(tmp_path, case):
+SMALL = ["--projector", "identity", "--resolution", "32", "--limit", "16", "--num-val", "8"]
+
+
+def test_a_refused_store_ends_in_one_line_through_the_command(tmp_path):
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
     (out / "train" / "notes.txt").write_text("mine")
-    args, code, expect = {
-        "not_a_store": ([], 1, "not empty and holds no store"),
-        "bad_projector": (["--projector", "nope"], 1, "projector 'nope'"),
-        "bad_dataset": (["--dataset", str(tmp_path / "missing")], 1, "not a directory of images"),
-        "object_store": (["--out", "s3://bucket/store"], 2, "--out=s3://bucket/store: must be a local folder"),
-        "bad_encoders": (["--encoders", "0"], 2, "--encoders=0: must be > 0"),
-    }[case]
-    proc = lmd("--projector", "identity", "--resolution", "32", "--limit", "16", "--num-val", "8", "--out",
-               str(out), *args)
-    assert proc.returncode == code, proc.stderr[-2000:]
+    proc = lmd(*SMALL, "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lmd: error: ") and expect in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("lmd: error: ") and "not empty and holds no store" in lines[0]
     assert [str(p.relative_to(out)) for p in out.rglob("*")] == ["train", "train/notes.txt"]
+
+
+@pytest.mark.parametrize("flags, code, expect", [
+    (["--projector", "nope"], 1, "projector 'nope'"),
+    (["--dataset", "{tmp}/missing"], 1, "not a directory of images"),
+    (["--out", "s3://bucket/store"], 2, "--out=s3://bucket/store: must be a local folder"),
+    (["--encoders", "0"], 2, "--encoders=0: must be > 0"),
+])
+def test_bad_precompute_flags_end_in_one_line_before_any_ray(tmp_path, capsys, flags, code, expect):
+    from lmd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["precompute", *SMALL, "--out", str(tmp_path / "out"), *(f.format(tmp=tmp_path) for f in flags)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == code and lines[-1].startswith("lmd: error: ") and expect in lines[-1], lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_interrupted_build_resumes_through_lmd_precompute_encoding_only_the_missing_shard(built, tmp_path):
