@@ -5,7 +5,7 @@
     python tune/ablation.py --variants lmd_cosine pixel_mae --seeds 5 --budget 8 --target-metric val_probe_acc
     python tune/ablation.py --budget-by time --budget 60      # the same device seconds per trial instead of FLOPs
     python tune/ablation.py --address auto --gpus-per-trial 1 --preset base_p4 --resolution 224 \
-        --dataset /data/imagenet --budget 20000 --seeds 3 --storage s3://YOUR-BUCKET/lmd-ray
+        --dataset /data/imagenet --budget 20000 --seeds 3 --storage /mnt/shared/lmd-ray   # a path every node sees
 
 Every variant (the table below) gets the same training budget: the same FLOPs (`--budget-by
 flops`, the default), device seconds (`time`) or steps (`steps`, for contrast), several seeds, and
