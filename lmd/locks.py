@@ -61,6 +61,33 @@ def holder_pid(path: str | Path) -> int | None:
         return None
 
 
+def _busy(path: Path, what: str) -> LockedError:
+    pid = holder_pid(path)
+    return LockedError(f"{what} is in use by process {pid if pid is not None else '(unknown)'} (lock {path}); "
+                       "wait for it to end, or stop it")
+
+
+def check_free(path: str | Path, what: str) -> None:
+    """Raise LockedError now if another process holds the lock at `path`; creates nothing (a missing file is free).
+
+    For refusing early, before slow start-up work; `hold` still takes the lock for real afterwards.
+    """
+    path = Path(path)
+    ref = _HELD.get(os.path.abspath(path))
+    if ref is not None and ref() is not None and ref().held:  # type: ignore[union-attr]
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise _busy(path, what) from None
+    finally:
+        os.close(fd)
+
+
 def hold(path: str | Path, what: str) -> Lock:
     """Take the exclusive lock at `path` (creating the file and its folder) or raise LockedError at once.
 
@@ -81,9 +108,7 @@ def hold(path: str | Path, what: str) -> Lock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        pid = holder_pid(path)
-        raise LockedError(f"{what} is in use by process {pid if pid is not None else '(unknown)'} (lock {path}); "
-                          "wait for it to end, or stop it") from None
+        raise _busy(path, what) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     lock = Lock(path, fd)

@@ -232,6 +232,27 @@ def test_two_lmd_train_into_one_run_directory_the_second_is_refused(tmp_path):
         "wait for it to end, or stop it"]
 
 
+def test_a_second_driver_of_one_experiment_is_refused_before_ray_starts(tmp_path):
+    lock = tmp_path / "st" / ".abl.lock"  # where tune/ablation.py --storage st --name abl keeps its lock
+    script = f"from lmd.locks import hold; import time; h = hold({str(lock)!r}, 'x'); print('held', flush=True); " \
+             "time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run([sys.executable, str(REPO / "tune/ablation.py"), "--storage", "st", "--name", "abl",
+                               "--variants", "lmd_cosine", "--seeds", "1", "--num-train", "256", "--num-val", "32",
+                               "--num-probe", "64"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"ablation: error: experiment {tmp_path / 'st' / 'abl'} is in use by process {holder.pid} (lock {lock}); "
+        "wait for it to end, or stop it"]
+
+
 def test_cluster_stop_matches_its_exact_port_only():
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--address=127.0.0.1:63901"])
     target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--address=127.0.0.1:6390"])

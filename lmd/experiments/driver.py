@@ -43,7 +43,7 @@ from lmd.entry import (
 from lmd.experiments.results import ARGS_FILE, RESULTS_FILE, tidy_table, write_table
 from lmd.experiments.trial import Placement, check_placement, run_trial, trial_resources
 from lmd.io import read_json_object, storage_uri, write_json_atomic
-from lmd.locks import Lock, LockedError, hold
+from lmd.locks import Lock, LockedError, check_free, hold
 
 # args.json's "layout": 2 = every trial's Tune config holds a TrialSpec under "trial". Experiments of
 # an older layout stay readable (analysis/dashboard.py) but are not resumed.
@@ -141,11 +141,14 @@ def add_shared_flags(p: argparse.ArgumentParser, name: str) -> None:
 @contextmanager
 def usage_errors(prog: str) -> Iterator[None]:
     """Bad input ends in one `<prog>: error: ...` line and exit code 2: ConfigError, StoreError,
-    ProjectorError, ImageSourceError, RefusedStart and unreadable JSON are all ValueErrors."""
+    ProjectorError, ImageSourceError, RefusedStart and unreadable JSON are all ValueErrors. An
+    experiment another driver is running (LockedError) is one line too, exit code 1."""
     try:
         yield
     except ValueError as err:
         fail(str(err), EXIT_USAGE, prog)
+    except LockedError as err:
+        fail(str(err), EXIT_RUNTIME, prog)
 
 
 def read_args(folder: Path) -> dict[str, Any]:
@@ -163,6 +166,7 @@ def check_start(exp: ExperimentSpec, flags: Mapping[str, Any], defining: Sequenc
     from ray import tune
 
     folder = exp.folder
+    check_free(exp.lock_path, f"experiment {folder}")  # another driver runs it now: LockedError, exit 1
     if not exp.resume:
         if folder.exists():
             raise RefusedStart(f"{folder} already holds an experiment: pass --resume to continue it, or choose "
@@ -212,6 +216,7 @@ def fit(exp: ExperimentSpec, new_tuner: Callable[[Any], Any], flags: Mapping[str
     from ray import tune
 
     try:
+        check_free(exp.lock_path, f"experiment {exp.folder}")  # refused before Ray starts, if it can be
         init_ray(exp.address, log_to_driver=False)
         need = {"CPU": (f"--cpus-per-trial={exp.cpus_per_trial:g}", exp.cpus_per_trial),
                 "GPU": (f"--gpus-per-trial={exp.gpus_per_trial:g}", exp.gpus_per_trial)}
