@@ -164,17 +164,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_distributed(cfg: TrainConfig, cluster: ClusterConfig, address: str | None) -> int:
     from lmd.data.images import ImageSourceError
     from lmd.data.store import StoreError
-    from lmd.distributed import fit_distributed
+    from lmd.distributed import fit_distributed, run_name
+    from lmd.entry import NotEnoughResources, check_cluster_resources, local_ray
+    from lmd.io import storage_uri
+    from lmd.locks import LockedError, hold
     from lmd.projector import ProjectorError
 
     cluster.validate(cfg)
+    w, c, g = cluster.workers, cluster.cpus_per_worker, cluster.gpus_per_worker
+    if g and local_ray(address) and torch_gpus() < w * g:  # a local Ray never grows: it would wait forever
+        fail(f"--workers={w} x --gpus-per-worker={g:g}: this machine has {torch_gpus()} GPUs", EXIT_USAGE)
+    try:  # two drivers of one run would both resume it and overwrite each other's checkpoints
+        lock = hold(Path(storage_uri(cluster.storage)) / f".{cluster.name or run_name(cfg)}.lock",
+                    f"run {cluster.name or run_name(cfg)}") if "://" not in cluster.storage else None
+    except LockedError as err:
+        fail(str(err), EXIT_RUNTIME)
+    except OSError as err:
+        fail(f"--storage={cluster.storage}: cannot write there ({err.strerror or err})", EXIT_RUNTIME)
     init_ray(address)  # a wrong address: ClusterUnreachable, one line from main()
     try:
+        need = {"CPU": (f"--workers={w} x --cpus-per-worker={c:g}", w * c),
+                "GPU": (f"--workers={w} x --gpus-per-worker={g:g}", w * g)}
+        warning = check_cluster_resources(need, address, "this run")
+        if warning:
+            print(f"lmd: warning: {warning}", file=sys.stderr)
         result = fit_distributed(cfg, cluster)
+    except NotEnoughResources as err:
+        fail(str(err), EXIT_USAGE)
     except (StoreError, ProjectorError, ImageSourceError) as err:
         fail(str(err), EXIT_RUNTIME)
     finally:
         _shutdown_ray()
+        if lock is not None:
+            lock.release()
     if result.error is not None:
         fail(f"training failed: {str(result.error).splitlines()[0]}", EXIT_RUNTIME)
     print(json.dumps({"run": str(result.path), "step": result.metrics.get("step"),
@@ -182,6 +204,12 @@ def _train_distributed(cfg: TrainConfig, cluster: ClusterConfig, address: str | 
                       "checkpoint": result.checkpoint.path if result.checkpoint else None,
                       "workers": result.metrics.get("workers"), "num_nodes": result.metrics.get("num_nodes")}))
     return 0
+
+
+def torch_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _shutdown_ray() -> None:
@@ -195,6 +223,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from lmd.data.images import ImageSourceError
     from lmd.data.precompute import PipelineError, encoder_pool, plan_build, run_build
     from lmd.data.store import StoreError
+    from lmd.locks import LOCK_FILE, LockedError, check_free, hold
     from lmd.projector import ProjectorError, load_projector
 
     for flag in ("resolution", "limit", "num_val", "shard_size", "batch_size", "encoders"):
@@ -204,15 +233,20 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     if "://" in args.out:  # the store is written with local renames and fsyncs
         fail(f"--out={args.out}: must be a local folder (or a shared file system mounted on this node)", EXIT_USAGE)
     started_ray = False  # shut down only a Ray this command started (main() may run inside a Ray driver)
+    lock = None
     try:
         projector = load_projector(args.projector)
         projector.latent_shape(args.resolution)  # checks the resolution against the downsampling factor
+        # A second precompute into this store is refused by the first one's pid (nothing is created for it).
+        check_free(Path(args.out) / LOCK_FILE, f"latent store {args.out}")
         # Planning needs no Ray: a bad dataset or a refused store fails before a cluster is joined.
         build = plan_build(Path(args.out), args.dataset, projector, args.resolution, args.limit, args.num_val,
                            shard_size=args.shard_size, batch_size=args.batch_size)
         pool = None  # a complete store (or one whose shards are all written) needs no cluster
         if build.chunks():
             import ray
+
+            lock = hold(Path(args.out) / LOCK_FILE, f"latent store {args.out}")  # released below
 
             started_ray = not ray.is_initialized()
             init_ray(args.address)  # a wrong address: ClusterUnreachable, one line from main()
@@ -221,11 +255,13 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             except ValueError as err:
                 fail(str(err), EXIT_USAGE)
         run_build(build, pool)
-    except (StoreError, ProjectorError, ImageSourceError, PipelineError) as err:
+    except (StoreError, ProjectorError, ImageSourceError, PipelineError, LockedError) as err:
         fail(str(err), EXIT_RUNTIME)
     finally:
         if started_ray:
             _shutdown_ray()
+        if lock is not None:
+            lock.release()
     print(json.dumps({"store": str(Path(args.out)), "projector": projector.info()}))
     return 0
 

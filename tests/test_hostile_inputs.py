@@ -115,6 +115,8 @@ CASES = [
     Case("ablation-name-escapes", ("tune/ablation.py", "--name", "../../x"), "--name='../../x'", 2),
     Case("ablation-s3-storage", ("tune/ablation.py", "--storage", "s3://bucket/x"), "--storage=s3://bucket/x", 2),
     Case("ablation-gpus-without-gpus", ("tune/ablation.py", "--gpus-per-trial", "1"), "--gpus-per-trial=1", 2),
+    Case("train-gpus-without-gpus", ("lmd", "train", "--workers", "2", "--gpus-per-worker", "1", "--dataset",
+                                     "synthetic"), "--workers=2 x --gpus-per-worker=1: this machine has 0 GPUs", 2),
     Case("cluster-port-not-a-number", ("cluster/local_cluster.sh", "stop", "6390;x"), "PORT=6390;x", 2),
 ]
 
@@ -210,6 +212,31 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_dead_holder_leaves_no
     with hold(lock, "run directory") as mine:  # the dead holder's lock is free at once
         assert mine.held and hold(lock, "again") is mine  # re-entrant within one process
     assert not mine.held
+
+
+def test_a_second_builder_of_one_store_is_refused_before_it_encodes(tmp_path):
+    from lmd.data.latents import build_store
+    from lmd.data.store import StoreError
+    from lmd.projector import load_projector
+
+    store = tmp_path / "store"
+    script = (f"from lmd.locks import hold; import time; h = hold({str(store / '.lock')!r}, 'x'); print('held', "
+              "flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=f"latent store {store} is in use by process {holder.pid}"):
+            build_store(store, "bundled", load_projector("identity"), 32, 8, 4, progress=False)
+        assert sorted(p.name for p in store.iterdir()) == [".lock"]  # nothing encoded, nothing written
+        proc = subprocess.run([sys.executable, "-m", "lmd.cli", "precompute", "--projector", "identity", "--resolution",
+                               "32", "--limit", "8", "--num-val", "4", "--out", str(store)], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        assert proc.returncode == 1 and f"is in use by process {holder.pid}" in proc.stderr.strip().splitlines()[-1]
+        assert sorted(p.name for p in store.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_two_lmd_train_into_one_run_directory_the_second_is_refused(tmp_path):

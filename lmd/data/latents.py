@@ -30,6 +30,7 @@ from lmd.data.store import (
     store_classes,
     validate_store,
 )
+from lmd.locks import LOCK_FILE, LockedError, hold
 from lmd.probe import ProbeSet
 from lmd.projector import Projector, load_projector
 
@@ -67,14 +68,26 @@ def default_store_dir(dataset: str, resolution: int, num_train: int, num_val: in
 
 def build_store(root: Path, dataset: str, projector: Projector, resolution: int, num_train: int | None,
                 num_val: int | None, shard_size: int = 512, batch_size: int = 64, progress: bool = True) -> Path:
-    """Precompute `root/train` and `root/val` (resuming an interrupted build; a finished one is reused)."""
+    """Precompute `root/train` and `root/val` (resuming an interrupted build; a finished one is reused).
+
+    Both sources are opened first, so a size the dataset cannot give is refused before any encoding;
+    the store is locked while it is written (a second builder is refused naming the first one's pid).
+    """
     info = projector.info()
-    for split, num in (("train", num_train), ("val", num_val)):
-        source = image_source(dataset, split, resolution, num)
-        precompute_store(root / split, num_items=len(source), load_images=source.images, encode=projector.encode,
-                         projector=info, source=source.describe(), split=split, shard_size=shard_size,
-                         batch_size=batch_size, progress=progress,
-                         load_labels=source.labels if source.classes else None, classes=source.classes)
+    sources = {split: image_source(dataset, split, resolution, num) for split, num in (("train", num_train),
+                                                                                      ("val", num_val))}
+    try:
+        lock = hold(root / LOCK_FILE, f"latent store {root}")
+    except LockedError as err:
+        raise StoreError(str(err)) from None
+    except OSError as err:
+        raise StoreError(f"{root}: cannot write the store there ({err.strerror or err})") from None
+    with lock:
+        for split, source in sources.items():
+            precompute_store(root / split, num_items=len(source), load_images=source.images,
+                             encode=projector.encode, projector=info, source=source.describe(), split=split,
+                             shard_size=shard_size, batch_size=batch_size, progress=progress,
+                             load_labels=source.labels if source.classes else None, classes=source.classes)
     return root
 
 
