@@ -19,6 +19,7 @@ position and mask-scheduler position of the latest checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lmd.checkpoint import adopt_checkpoint, read_manifest
+from lmd.checkpoint import adopt_checkpoint, read_manifest, resume_point, set_aside
 from lmd.config import ClusterConfig, ConfigError, TrainConfig
 from lmd.data.latents import prepare_data
 from lmd.engine import CHECKPOINT_DIR, Engine
@@ -90,6 +91,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # them into the run's storage; on a restart the latest one comes back the same way.
     scratch = Path(tempfile.mkdtemp(prefix=f"lmd-rank{rank}-"))
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("fallback_checkpoint"):  # Ray's own record was torn: see below
+        checkpoint = ray.train.Checkpoint.from_directory(config["fallback_checkpoint"])
     history: list[dict[str, Any]] = []
     if checkpoint is not None:
         with checkpoint.as_directory() as restored:
@@ -123,6 +126,37 @@ def _check_room_for_reads(cfg: TrainConfig, cluster: ClusterConfig) -> None:
                           "(lower --cpus-per-worker, add nodes, or use --loader memory)")
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
+
+
+def _recover_torn_snapshot(run: Path) -> str | None:
+    """When a killed driver left Ray's checkpoint record torn, resume from our newest verified checkpoint instead.
+
+    Ray 2.60 rewrites that record in place (truncate, then write), so a SIGKILL in between leaves it
+    empty and every rerun would fail in Ray's controller. The engine's checkpoints carry their own
+    manifest and checksums, so the newest one that verifies is a sound resume point: the torn record is
+    kept aside (`.rejected-torn`) and the workers adopt that checkpoint (the fallback in
+    `train_loop_per_worker`); Ray starts a fresh record from there.
+    """
+    snapshot = run / RAY_SNAPSHOT
+    if not snapshot.is_file():
+        return None
+    try:
+        json.loads(snapshot.read_text())
+        return None
+    except (ValueError, UnicodeDecodeError):
+        pass
+    moved = set_aside(snapshot, "rejected-torn")
+    point = resume_point(run)
+    if point is None:
+        log.warning("%s: torn by a crash (kept as %s) and no checkpoint to resume from: starting over", snapshot,
+                    moved.name)
+        return None
+    log.warning("%s: torn by a crash (kept as %s); resuming from the newest verified checkpoint %s", snapshot,
+                moved.name, point[0].name)
+    return str(point[0])
+
+
 def run_name(cfg: TrainConfig) -> str:
     """Stable (no timestamp): rerunning the same command resumes the same run."""
     return f"lmd-{cfg.model.preset}-{cfg.mask.scheduler}-s{cfg.run.seed}"
@@ -151,6 +185,8 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
         if loader == "ray":
             _check_room_for_reads(cfg, cluster)
     storage = storage_uri(cluster.storage)
+    name = cluster.name or run_name(cfg)
+    fallback = _recover_torn_snapshot(Path(storage) / name) if "://" not in storage else None
     checkpoint_config = ray.train.CheckpointConfig(
         num_to_keep=cfg.run.keep_last,
         checkpoint_score_attribute="val_masked_mse_fixed" if cluster.keep_best else None,
@@ -159,11 +195,12 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
     resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tags": tags or {}, "replay_history": replay_history},
+        train_loop_config={"cfg": cfg.to_dict(), "tags": tags or {}, "replay_history": replay_history,
+                           "fallback_checkpoint": fallback},
         scaling_config=ray.train.ScalingConfig(num_workers=cluster.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy="STRICT_SPREAD" if cluster.spread else "PACK"),
-        run_config=ray.train.RunConfig(name=cluster.name or run_name(cfg), storage_path=storage,
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
                                        checkpoint_config=checkpoint_config, callbacks=callbacks or []),
     )

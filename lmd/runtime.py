@@ -52,6 +52,10 @@ def local_engine(cfg: TrainConfig, run_dir: str | Path, reporter: Reporter | Non
     device = setup_runtime(cfg, threads=threads)
     data = prepare_data(cfg)
     try:  # after the data, so a bad store or dataset leaves the run directory untouched
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission: the engine's own wording
+        raise RunDirError(f"run dir {run_dir}: cannot write there ({err.strerror or err})") from None
+    try:
         lock = hold(Path(run_dir) / LOCK_FILE, f"run directory {run_dir}")
     except LockedError as err:
         raise RunDirError(str(err)) from None

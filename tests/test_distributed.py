@@ -54,6 +54,18 @@ def test_one_worker_is_bit_identical_to_the_single_process_engine(local_ray, tmp
     reference, distributed = _engine_model(cfg, tmp_path / "local"), _final_model(result)
     assert all(torch.equal(distributed[k], reference[k]) for k in reference)
 
+    # A driver killed while Ray rewrote its checkpoint record leaves it empty (Ray writes it in place), and the
+    # copy of the newest checkpoint may be unfinished: the rerun resumes from the newest verified one (step 10)
+    # and ends where the uninterrupted run did.
+    run = tmp_path / "ray" / "eq1"
+    (run / "checkpoint_manager_snapshot.json").write_text("")
+    (run / "step_00000020" / "manifest.json").unlink()
+    rerun = fit_distributed(cfg, ClusterConfig(workers=1, storage=str(tmp_path / "ray"), name="eq1"))
+    assert (run / "checkpoint_manager_snapshot.json.rejected-torn").is_file()
+    assert (run / "step_00000020.rejected-unverified").is_dir()
+    recovered = _final_model(rerun)
+    assert rerun.metrics["step"] == 20 and all(torch.equal(recovered[k], reference[k]) for k in reference)
+
 
 def test_two_workers_compute_the_single_process_update_up_to_rounding(local_ray, tmp_path):
     cfg = tiny_config(**{"run.steps": 20})
