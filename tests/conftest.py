@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,46 @@ def _single_thread_determinism():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml): each test file runs whole on one worker, so its
+# module fixtures (a Ray session, a store) are built once; the two files that share the session's real
+# ablation and search runs run together.
+SHARED_GROUPS = {"test_experiments": "tune", "test_dashboard": "tune"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marker into each test's group
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(stem, stem)))
+
+
+def descendants(root: int) -> set[int]:
+    """Pids of every live process below `root`: a test's own Ray processes, not those of a test running beside it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def ray_train_workers(root: int) -> list[int]:
+    """This test's Ray Train worker processes (below `root`: the test process, or a driver it started)."""
+    import subprocess
+
+    named = {int(p) for p in subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True,
+                                            text=True).stdout.split()}
+    return sorted(named & descendants(root))
 
 
 def tiny_config(**overrides) -> TrainConfig:

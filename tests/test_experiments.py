@@ -294,6 +294,9 @@ def test_resuming_an_experiment_of_the_old_layout_is_one_line(tmp_path, script):
     assert nothing.stderr.strip().endswith(f"{tmp_path / 'absent'}: no experiment to resume")
 
 
+# Extended tier: Tune's resume after a driver kill is in the default suite through the search and the
+# multi-worker trial tests; this one adds that finished trials are not rerun.
+@pytest.mark.extended
 def test_killed_ablation_resumes_without_rerunning_finished_trials(tmp_path):
     # Three trials on two CPUs: the third waits, so a kill after the first finishes leaves both kinds.
     args = [sys.executable, str(REPO / "tune" / "ablation.py"), "--variants", "lmd_cosine", "--seeds", "3",

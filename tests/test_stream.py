@@ -26,7 +26,7 @@ from lmd.distributed import fit_distributed
 from lmd.projector import load_projector
 from lmd.runtime import local_engine
 
-from .conftest import tiny_config
+from .conftest import ray_train_workers, tiny_config
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
@@ -196,15 +196,12 @@ def _private_rss_mb(pid: int) -> float | None:
 
 def _peak_worker_memory(cfg, storage: Path, name: str) -> list[float]:
     """Train with 2 workers and return each worker's peak private memory (MiB), sampled from outside."""
-    import subprocess
-
     peaks: dict[int, float] = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-            for pid in map(int, pids):
+            for pid in ray_train_workers(os.getpid()):  # this test's workers, not another test's beside it
                 rss = _private_rss_mb(pid)
                 if rss is not None:
                     peaks[pid] = max(rss, peaks.get(pid, 0.0))
