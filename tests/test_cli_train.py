@@ -51,13 +51,13 @@ def test_resume_on_an_unfinished_run_dir_requires_the_flag(tmp_path):
 
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
     state, manifest = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
-    assert manifest["step"] == 600
+    assert manifest["step"] == 300
     return state["model"]
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     # Few checkpoints: each one is evaluated, and decoding the PSNR images dominates a CPU run.
-    common = ["train", "--steps", "600", "--ckpt-every", "150", "--eval-every", "300", "--batch-size", "16"]
+    common = ["train", "--steps", "300", "--ckpt-every", "75", "--eval-every", "150", "--batch-size", "16"]
     straight = _lmd(*common, "--run-dir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
 
@@ -70,7 +70,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = latest_checkpoint(crashed / "checkpoints")
-    assert killed_at is not None and killed_at.name != "step_00000600", "the run finished before the kill"
+    assert killed_at is not None and killed_at.name != "step_00000300", "the run finished before the kill"
 
     resumed = _lmd(*common, "--run-dir", str(crashed), "--resume")
     assert resumed.returncode == 0, resumed.stderr

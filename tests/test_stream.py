@@ -221,16 +221,16 @@ def _peak_worker_memory(cfg, storage: Path, name: str) -> list[float]:
 
 
 def test_workers_memory_does_not_grow_with_the_store(local_ray, tmp_path):
-    # The same 16 steps of 1024 items streamed by 2 workers from a 4,096-item store and from a 16x larger one
+    # The same 8 steps of 1024 items streamed by 2 workers from a 4,096-item store and from a 16x larger one
     # (65,536 items: 96 MiB of float16 on disk, 192 MiB decoded, which the in-memory loader would hold in every
     # worker). Streaming, a worker holds a few shuffle windows whatever the store's size.
     budget_mb = 48
     peaks = {}
     for count in (4096, 65_536):
         store = make_pixel_store(tmp_path / f"s{count}", count=count, shard_size=2048)
-        cfg = pixel_config(store, **{"run.steps": 16, "data.batch_size": 1024, "data.num_train": count,
-                                     "data.stream_lanes": 8, "data.stream_window": 2048, "run.ckpt_every": 16,
-                                     "run.eval_every": 16, "run.log_every": 8})
+        cfg = pixel_config(store, **{"run.steps": 8, "data.batch_size": 1024, "data.num_train": count,
+                                     "data.stream_lanes": 8, "data.stream_window": 2048, "run.ckpt_every": 8,
+                                     "run.eval_every": 8, "run.log_every": 4})
         peaks[count] = _peak_worker_memory(cfg, tmp_path / "ray", f"n{count}")
     decoded_growth_mb = (65_536 - 4096) * 3 * 16 * 16 * 4 / 2**20
     for small, large in zip(peaks[4096], peaks[65_536], strict=True):
