@@ -123,8 +123,9 @@ def resolve_store(cfg: TrainConfig, progress: bool = True, verify_checksums: boo
 def resolve_loader(loader: str, manifest: dict[str, Any], memory_limit_mb: int) -> str:
     """`auto`: memory when the decoded float32 latents fit in `memory_limit_mb`, else the Ray Data stream.
 
-    Why: a deterministic per-epoch shuffle in Ray Data costs seconds of scheduling per epoch on a
-    small machine (benchmarks/data_stream.py), which dominates small stores that fit in RAM anyway.
+    Why: a store that fits is shuffled as one permutation per epoch and costs no Ray start-up (the
+    stream's pipeline takes 5-9 s to deliver its first batch on 2 cores, benchmarks/data_stream.py);
+    a larger one is streamed, each worker reading only its own lanes.
     """
     if loader != "auto":
         return loader
