@@ -196,14 +196,20 @@ def test_a_projector_file_that_is_not_a_state_dict_is_refused_by_name(name, tmp_
     assert not (tmp_path / PWNED).exists()
 
 
-def test_a_second_writer_is_refused_naming_the_first_and_a_dead_holder_leaves_no_stale_lock(tmp_path):
-    lock = tmp_path / "run" / ".lock"
-    script = (f"from lmd.locks import hold; import sys, time; h = hold({str(lock)!r}, 'x'); print('held', "
+def _lock_holder(lock: Path) -> subprocess.Popen:
+    """Another process that holds `lock` (until killed), started and holding when this returns."""
+    script = (f"from lmd.locks import hold; import time; h = hold({str(lock)!r}, 'x'); print('held', "
               "flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_dead_holder_leaves_no_stale_lock(tmp_path):
+    lock = tmp_path / "run" / ".lock"
+    holder = _lock_holder(lock)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockedError, match=f"run directory {tmp_path / 'run'} is in use by process {holder.pid}"):
             hold(lock, f"run directory {tmp_path / 'run'}")
     finally:
@@ -220,12 +226,8 @@ def test_a_second_builder_of_one_store_is_refused_before_it_encodes(tmp_path):
     from lmd.projector import load_projector
 
     store = tmp_path / "store"
-    script = (f"from lmd.locks import hold; import time; h = hold({str(store / '.lock')!r}, 'x'); print('held', "
-              "flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = _lock_holder(store / ".lock")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StoreError, match=f"latent store {store} is in use by process {holder.pid}"):
             build_store(store, "bundled", load_projector("identity"), 32, 8, 4, progress=False)
         assert sorted(p.name for p in store.iterdir()) == [".lock"]  # nothing encoded, nothing written
