@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--dataset", default="bundled", help="bundled, fashion-mnist, mnist, or a directory of images")
     pc.add_argument("--projector", default="lmd-f8c4", help="lmd-f8c4, identity, taesd:DIR, sdvae:DIR or a file")
     pc.add_argument("--resolution", type=int, default=128)
-    pc.add_argument("--out", required=True, metavar="DIR")
+    pc.add_argument("--out", required=True, metavar="DIR|URI",
+                    help="store folder, or an object-store URI (s3://bucket/prefix) every node can read")
     pc.add_argument("--limit", type=int, help="training items (bundled: number of crops, default 2048)")
     pc.add_argument("--num-val", type=int, help="held-out items (bundled: default 256)")
     pc.add_argument("--shard-size", type=int, default=512)
@@ -221,6 +222,7 @@ def _shutdown_ray() -> None:
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from lmd.data.images import ImageSourceError
+    from lmd.data.location import Location
     from lmd.data.precompute import PipelineError, encoder_pool, plan_build, run_build
     from lmd.data.store import StoreError
     from lmd.locks import LOCK_FILE, LockedError, check_free, hold
@@ -230,23 +232,28 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             fail(f"--{flag.replace('_', '-')}={value}: must be > 0", EXIT_USAGE)
-    if "://" in args.out:  # the store is written with local renames and fsyncs
-        fail(f"--out={args.out}: must be a local folder (or a shared file system mounted on this node)", EXIT_USAGE)
+    try:
+        out = Location.of(args.out)  # a local folder, or an object-store URI (s3://bucket/prefix)
+    except ValueError as err:
+        fail(str(err), EXIT_USAGE)
     started_ray = False  # shut down only a Ray this command started (main() may run inside a Ray driver)
     lock = None
     try:
         projector = load_projector(args.projector)
         projector.latent_shape(args.resolution)  # checks the resolution against the downsampling factor
         # A second precompute into this store is refused by the first one's pid (nothing is created for it).
-        check_free(Path(args.out) / LOCK_FILE, f"latent store {args.out}")
+        # Object stores have no lock: there, one build per store is the user's to ensure (lmd.data.location).
+        if out.is_local:
+            check_free(out.local_path / LOCK_FILE, f"latent store {out}")
         # Planning needs no Ray: a bad dataset or a refused store fails before a cluster is joined.
-        build = plan_build(Path(args.out), args.dataset, projector, args.resolution, args.limit, args.num_val,
+        build = plan_build(out, args.dataset, projector, args.resolution, args.limit, args.num_val,
                            shard_size=args.shard_size, batch_size=args.batch_size)
         pool = None  # a complete store (or one whose shards are all written) needs no cluster
         if build.chunks():
             import ray
 
-            lock = hold(Path(args.out) / LOCK_FILE, f"latent store {args.out}")  # released below
+            if out.is_local:
+                lock = hold(out.local_path / LOCK_FILE, f"latent store {out}")  # released below
 
             started_ray = not ray.is_initialized()
             init_ray(args.address)  # a wrong address: ClusterUnreachable, one line from main()
@@ -257,12 +264,15 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         run_build(build, pool)
     except (StoreError, ProjectorError, ImageSourceError, PipelineError, LockedError) as err:
         fail(str(err), EXIT_RUNTIME)
+    except OSError as err:  # storage refused (credentials, bucket, connection): one line naming the store
+        fail(f"{out}: cannot use the store there ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+             EXIT_RUNTIME)
     finally:
         if started_ray:
             _shutdown_ray()
         if lock is not None:
             lock.release()
-    print(json.dumps({"store": str(Path(args.out)), "projector": projector.info()}))
+    print(json.dumps({"store": str(out), "projector": projector.info()}))
     return 0
 
 

@@ -189,8 +189,9 @@ class DataConfig:
         _require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {', '.join(LOADERS)}")
         _require(self.resolution >= 0 and self.resolution % LATENT_FACTOR == 0, "data.resolution", self.resolution,
                  f"must be a positive multiple of {LATENT_FACTOR}")
-        _require(not self.latents or Path(self.latents).is_dir(), "data.latents", self.latents,
-                 "no such directory (make one with `lmd precompute`)")
+        # A URI (s3://...) is checked when the run opens it: that needs the network and credentials.
+        _require(not self.latents or "://" in self.latents or Path(self.latents).is_dir(), "data.latents",
+                 self.latents, "no such directory (make one with `lmd precompute`)")
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be > 0")
         _require(self.stream_lanes > 0, "data.stream_lanes", self.stream_lanes, "must be > 0")
         _require(self.stream_window > 0, "data.stream_window", self.stream_window, "must be > 0")

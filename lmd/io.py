@@ -81,9 +81,10 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def read_json_object(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:
-    """A JSON object from `path`; any failure raises `error` with one line naming the file and `what` it is."""
-    path = Path(path)
+def read_json_object(path: Any, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A JSON object from `path` (a path, or anything with `read_text`, e.g. `lmd.data.location.Location`); any
+    failure raises `error` with one line naming the file and `what` it is."""
+    path = Path(path) if isinstance(path, str | os.PathLike) else path
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -126,7 +126,7 @@ def test_a_refused_store_ends_in_one_line_through_the_command(tmp_path):
 @pytest.mark.parametrize("flags, code, expect", [
     (["--projector", "nope"], 1, "projector 'nope'"),
     (["--dataset", "{tmp}/missing"], 1, "not a directory of images"),
-    (["--out", "s3://bucket/store"], 2, "--out=s3://bucket/store: must be a local folder"),
+    (["--out", "ftp://host/store"], 2, "ftp://host/store: not a storage URI pyarrow can open"),
     (["--encoders", "0"], 2, "--encoders=0: must be > 0"),
 ])
 def test_bad_precompute_flags_end_in_one_line_before_any_ray(tmp_path, capsys, flags, code, expect):

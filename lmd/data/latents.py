@@ -20,6 +20,7 @@ import torch
 
 from lmd.config import TrainConfig
 from lmd.data.images import image_source
+from lmd.data.location import Location
 from lmd.data.memory import InMemoryLatents, synthetic_latents
 from lmd.data.store import (
     StoreError,
@@ -46,7 +47,7 @@ class RunData:
     train: Any  # a BatchSource: .batch(step) -> [B, C, H, W]
     val: torch.Tensor  # [N, C, H, W] held-out latents, in memory for evaluation
     projector: Projector | None
-    store: Path | None
+    store: Location | None  # a local folder or an object-store URI
     val_images: torch.Tensor | None = None  # the first held-out images, for decoded PSNR
     probe: ProbeSet | None = None  # labelled train/held-out items for the linear probe (labelled stores)
 
@@ -97,17 +98,19 @@ def expected_store(cfg: TrainConfig, projector: Projector) -> dict[str, Any]:
     return {"projector": projector.info(), "latent_shape": [m.in_chans, m.latent_size, m.latent_size]}
 
 
-def resolve_store(cfg: TrainConfig, progress: bool = True, verify_checksums: bool = True) -> tuple[Path, Projector]:
+def resolve_store(cfg: TrainConfig, progress: bool = True,
+                  verify_checksums: bool = True) -> tuple[Location, Projector]:
     """The run's store folder (built first if it is the cached default), validated against the run."""
     d = cfg.data
     projector = load_projector(d.projector)
     if d.latents:
-        root = Path(d.latents)
+        root = Location.of(d.latents)
     else:
         root = default_store_dir(d.dataset, d.resolution, d.num_train, d.num_val, projector)
         if not (root / "train" / "manifest.json").is_file() or not (root / "val" / "manifest.json").is_file():
             log.info("building the latent store %s (once; later runs reuse it)", root)
             build_store(root, d.dataset, projector, d.resolution, d.num_train, d.num_val, progress=progress)
+        root = Location.of(root)
     expect = expected_store(cfg, projector)
     for split in SPLITS:
         if not (root / split).is_dir():
@@ -173,7 +176,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True, *, rank: int = 0, worl
                    probe_set(root, d.num_probe, train=getattr(train, "latents", None), val=val))
 
 
-def probe_set(root: Path, num_probe: int, train: torch.Tensor | None = None,
+def probe_set(root: Location, num_probe: int, train: torch.Tensor | None = None,
               val: torch.Tensor | None = None) -> ProbeSet | None:
     """The first `num_probe` training items and every held-out item of a labelled store, with labels.
 
@@ -196,7 +199,7 @@ def probe_set(root: Path, num_probe: int, train: torch.Tensor | None = None,
                     val_labels=read_labels(root / "val"), num_classes=len(classes))
 
 
-def val_images(root: Path, num: int) -> torch.Tensor | None:
+def val_images(root: Location, num: int) -> torch.Tensor | None:
     """The first `num` held-out images the val store was made from (re-rendered deterministically)."""
     source = read_manifest(root / "val")["source"]
     try:

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from lmd.data.images import ImageSource, ImageSourceError, image_source
+from lmd.data.location import Location, Where
 from lmd.data.store import (
     StoreError,
     chunks,
@@ -164,7 +165,7 @@ class _Encoder:
 class _Split:
     """One split's store being written: its identity and what is left to encode."""
 
-    root: Path
+    root: Location
     identity: dict[str, Any]
     source: ImageSource
     num: int | None  # image_source's `num`, as the workers reopen it
@@ -188,13 +189,14 @@ class Build:
                 for k in s.todo for a, b in chunks(*shard_range(s.identity, k), self.batch_size)]
 
 
-def plan_build(root: Path, dataset: str, projector: Projector, resolution: int, num_train: int | None,
+def plan_build(root: Where, dataset: str, projector: Projector, resolution: int, num_train: int | None,
                num_val: int | None, *, shard_size: int = 512, batch_size: int = 64,
                dtype: str = "float16") -> Build:
     """Open `root/train` and `root/val` as `precompute_store` does (plan written, another store refused,
     finished shards checked); nothing here needs Ray, so a bad dataset or a refused store fails at once."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise StoreError(f"batch_size: {batch_size!r} is not a positive int")
+    root = Location.of(root)
     info, splits = projector.info(), {}
     for split, num in (("train", num_train), ("val", num_val)):
         source = image_source(dataset, split, resolution, num)
@@ -250,9 +252,9 @@ def _task_error(report: str) -> str:
     return f"a pipeline task failed: {report.strip().splitlines()[-1] if report.strip() else 'no report'}"
 
 
-def build_store(root: Path, dataset: str, projector: Projector, resolution: int, num_train: int | None,
+def build_store(root: Where, dataset: str, projector: Projector, resolution: int, num_train: int | None,
                 num_val: int | None, *, pool: EncoderPool, shard_size: int = 512, batch_size: int = 64,
-                dtype: str = "float16", progress: bool = True) -> Path:
+                dtype: str = "float16", progress: bool = True) -> Location:
     """`lmd.data.latents.build_store` as one Ray Data pipeline over both splits: `root/train` and `root/val`.
 
     Resumes an interrupted build (finished shards are checked and skipped) and leaves a complete
@@ -260,7 +262,7 @@ def build_store(root: Path, dataset: str, projector: Projector, resolution: int,
     """
     run_build(plan_build(root, dataset, projector, resolution, num_train, num_val, shard_size=shard_size,
                          batch_size=batch_size, dtype=dtype), pool, progress)
-    return root
+    return Location.of(root)
 
 
 def _pipeline(specs: list[dict[str, Any]], sources: dict[str, dict[str, Any]], projector: Projector,

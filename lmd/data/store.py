@@ -32,7 +32,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,8 @@ import torch
 from tqdm import tqdm
 
 from lmd import code_version
-from lmd.io import TMP_PREFIX, atomic_path, fsync_dir, read_json_object, sha256_file, write_json_atomic
+from lmd.data.location import Location, Where
+from lmd.io import TMP_PREFIX, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,10 @@ def differences(have: dict[str, Any], want: dict[str, Any], both: bool = False, 
     return out
 
 
-def read_manifest(store_dir: str | Path) -> dict[str, Any]:
+def read_manifest(store_dir: Where) -> dict[str, Any]:
     """The manifest, checked for structure and internal consistency (no shard is opened)."""
-    path = Path(store_dir) / MANIFEST_FILE
-    if not path.is_file() and (Path(store_dir) / PLAN_FILE).is_file():
+    path = Location.of(store_dir) / MANIFEST_FILE
+    if not path.is_file() and (Location.of(store_dir) / PLAN_FILE).is_file():
         raise StoreError(f"{path}: manifest missing: precompute of this store was interrupted; rerun it to finish")
     manifest = read_json_object(path, "manifest", StoreError)
     for key in _MANIFEST_FIELDS:
@@ -151,12 +151,12 @@ def store_classes(manifest: dict[str, Any]) -> list[str]:
     return list(manifest.get("classes") or [])
 
 
-def check_shard(path: Path, rows: int, latent_shape: Sequence[int] | None, dtype: str, first_index: int,
+def check_shard(path: Location, rows: int, latent_shape: Sequence[int] | None, dtype: str, first_index: int,
                 num_classes: int = 0) -> list[int]:
     """Check a shard's Parquet footer, schema, row count, index and (labelled stores) label column;
     returns its latent_shape."""
     try:
-        pf = pq.ParquetFile(path)
+        pf = path.parquet()
         schema = pf.schema_arrow
         num_rows = pf.metadata.num_rows
     except (OSError, pa.ArrowException) as err:
@@ -195,9 +195,9 @@ def check_shard(path: Path, rows: int, latent_shape: Sequence[int] | None, dtype
     return shard_shape
 
 
-def _read_column(path: Path, name: str, pf: pq.ParquetFile | None = None) -> np.ndarray:
+def _read_column(path: Location, name: str, pf: pq.ParquetFile | None = None) -> np.ndarray:
     try:
-        column = (pf or pq.ParquetFile(path)).read(columns=[name])[name]
+        column = (pf or path.parquet()).read(columns=[name])[name]
         if column.null_count:
             raise StoreError(f"{path}: {name}: {column.null_count} nulls")
         return column.to_numpy()
@@ -205,7 +205,7 @@ def _read_column(path: Path, name: str, pf: pq.ParquetFile | None = None) -> np.
         raise StoreError(f"{path}: {name}: unreadable ({type(err).__name__}: {err})") from None
 
 
-def validate_store(store_dir: str | Path, *, projector: dict | None = None, latent_shape: Sequence[int] | None = None,
+def validate_store(store_dir: Where, *, projector: dict | None = None, latent_shape: Sequence[int] | None = None,
                    dtype: str | None = None, verify_checksums: bool = True) -> dict[str, Any]:
     """Check a store against its manifest and the run's expectations; returns the manifest.
 
@@ -213,7 +213,7 @@ def validate_store(store_dir: str | Path, *, projector: dict | None = None, late
     mistake is a store made by another projector); `verify_checksums=False` skips hashing the shards
     (footer, schema, rows and index are still checked).
     """
-    root = Path(store_dir)
+    root = Location.of(store_dir)
     manifest = read_manifest(root)
     path = root / MANIFEST_FILE
     problems = differences({"projector": manifest["projector"]}, {"projector": _plain(projector)}) if projector else []
@@ -227,11 +227,11 @@ def validate_store(store_dir: str | Path, *, projector: dict | None = None, late
         file = root / shard["file"]
         if not file.is_file():
             raise StoreError(f"{file}: shard missing (manifest shards[{k}].file names it)")
-        size = file.stat().st_size
+        size = file.size()
         if size != shard["bytes"]:
             raise StoreError(f"{file}: bytes: truncated or overwritten: {size} bytes, manifest says {shard['bytes']}")
         if verify_checksums:
-            digest = sha256_file(file)
+            digest = file.sha256()
             if digest != shard["sha256"]:
                 raise StoreError(f"{file}: sha256: corrupt: {digest[:12]}... does not match manifest "
                                  f"{str(shard['sha256'])[:12]}...")
@@ -240,14 +240,14 @@ def validate_store(store_dir: str | Path, *, projector: dict | None = None, late
     return manifest
 
 
-def read_store(store_dir: str | Path, *, validate: bool = True, limit: int | None = None,
+def read_store(store_dir: Where, *, validate: bool = True, limit: int | None = None,
                **expect: Any) -> torch.Tensor:
     """All latents [N, C, h, w] (or the first `limit`) float32 in item-index order, read with pyarrow only.
 
     `expect` takes validate_store's keywords (projector, latent_shape, dtype, verify_checksums).
     With `limit` only the shards holding those items are read (a probe on a streamed store).
     """
-    root = Path(store_dir)
+    root = Location.of(store_dir)
     manifest = validate_store(root, **expect) if validate else read_manifest(root)
     shape, dtype = manifest["latent_shape"], manifest["dtype"]
     count = manifest["count"] if limit is None else min(limit, manifest["count"])
@@ -258,7 +258,7 @@ def read_store(store_dir: str | Path, *, validate: bool = True, limit: int | Non
             break
         file = root / shard["file"]
         try:
-            column = pq.ParquetFile(file).read(columns=["latent"])["latent"]
+            column = file.parquet().read(columns=["latent"])["latent"]
         except (OSError, pa.ArrowException) as err:
             raise StoreError(f"{file}: Parquet unreadable ({type(err).__name__}: {err})") from None
         take = min(len(column), count - start)
@@ -267,9 +267,9 @@ def read_store(store_dir: str | Path, *, validate: bool = True, limit: int | Non
     return torch.from_numpy(out)
 
 
-def read_labels(store_dir: str | Path) -> torch.Tensor:
+def read_labels(store_dir: Where) -> torch.Tensor:
     """The labels [N] int64 of a labelled store in item-index order (the store is validated by the caller)."""
-    root = Path(store_dir)
+    root = Location.of(store_dir)
     manifest = read_manifest(root)
     if not store_classes(manifest):
         raise StoreError(f"{root / MANIFEST_FILE}: classes: the store is unlabelled (made from "
@@ -279,9 +279,9 @@ def read_labels(store_dir: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
 
-def _write_shard(root: Path, k: int, first_index: int, latents: np.ndarray, dtype: str,
+def _write_shard(root: Location, k: int, first_index: int, latents: np.ndarray, dtype: str,
                  labels: np.ndarray | None = None) -> None:
-    """Write shard k atomically: temp file, fsync, rename; an existing shard file is always complete."""
+    """Write shard k atomically (`Location.write_parquet`): an existing shard file is always complete."""
     n, shape = latents.shape[0], list(latents.shape[1:])
     data = np.ascontiguousarray(latents, dtype=np.dtype(dtype).newbyteorder("<"))
     column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(item_width(shape, dtype)), n, [None, pa.py_buffer(data)])
@@ -292,9 +292,8 @@ def _write_shard(root: Path, k: int, first_index: int, latents: np.ndarray, dtyp
     if labels is not None:
         arrays.append(pa.array(np.asarray(labels, dtype=np.int64)))
     table = pa.table(arrays, schema=schema)
-    with atomic_path(root / shard_name(k)) as tmp:
-        # Latents barely compress, and dictionaries/statistics of 1 KiB values only cost space.
-        pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=["index"])
+    # Latents barely compress, and dictionaries/statistics of 1 KiB values only cost space.
+    (root / shard_name(k)).write_parquet(table, compression="none", use_dictionary=False, write_statistics=["index"])
 
 
 def encode_chunk(images: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], start: int, stop: int,
@@ -356,14 +355,14 @@ def num_shards(identity: dict[str, Any]) -> int:
     return math.ceil(identity["num_items"] / identity["shard_size"])
 
 
-def open_store(out_dir: str | Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+def open_store(out_dir: Where, identity: dict[str, Any]) -> dict[str, Any] | None:
     """Make `out_dir` ready to write the store `identity`; returns its manifest if it is already complete.
 
     A complete store with this identity is validated (footers, not checksums) and returned; one made
     for another identity, or a non-empty folder that holds no store, is refused without change.
     Otherwise the plan is written (or checked, on resume) and incomplete writes of a killed run removed.
     """
-    root = Path(out_dir)
+    root = Location.of(out_dir)
     manifest_path, plan_path = root / MANIFEST_FILE, root / PLAN_FILE
     if manifest_path.exists():
         manifest = read_manifest(root)
@@ -378,21 +377,21 @@ def open_store(out_dir: str | Path, identity: dict[str, Any]) -> dict[str, Any] 
         _refuse_other_identity(plan_path, read_json_object(plan_path, "plan", StoreError).get("identity", {}), identity)
         log.info("resuming the interrupted precompute of %s", root)
     else:
-        if root.exists() and any(not p.name.startswith(TMP_PREFIX) for p in root.iterdir()):
+        if any(not name.startswith(TMP_PREFIX) for name in root.names()):
             raise StoreError(f"{root}: not empty and holds no store ({MANIFEST_FILE} or {PLAN_FILE}); refusing to "
                              "write into it")
-        root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(plan_path, {"format": FORMAT_VERSION, "identity": identity})
-    for stale in root.glob(f"{TMP_PREFIX}*"):  # from a killed run; never a complete file
+        root.mkdir()
+        plan_path.write_json({"format": FORMAT_VERSION, "identity": identity})
+    for stale in root.stale_writes():  # from a killed run; never a complete file
         log.warning("removing incomplete write %s", stale)
-        stale.unlink(missing_ok=True)
+        stale.unlink()
     return None
 
 
-def pending_shards(out_dir: str | Path, identity: dict[str, Any]) -> tuple[list[int], list[int] | None]:
+def pending_shards(out_dir: Where, identity: dict[str, Any]) -> tuple[list[int], list[int] | None]:
     """(shards still to encode, latent_shape of the finished ones): a shard file that fails `check_shard` is
     re-encoded."""
-    root, latent_shape, todo = Path(out_dir), None, []
+    root, latent_shape, todo = Location.of(out_dir), None, []
     for k in range(num_shards(identity)):
         start, stop = shard_range(identity, k)
         path = root / shard_name(k)
@@ -407,11 +406,11 @@ def pending_shards(out_dir: str | Path, identity: dict[str, Any]) -> tuple[list[
     return todo, latent_shape
 
 
-def write_shard(out_dir: str | Path, identity: dict[str, Any], k: int, latents: np.ndarray,
+def write_shard(out_dir: Where, identity: dict[str, Any], k: int, latents: np.ndarray,
                 labels: np.ndarray | torch.Tensor | None, latent_shape: list[int] | None) -> list[int]:
     """Check shard k's latents [n, C, h, w] (and labels [n]) against the store, write it atomically; returns
     its latent_shape, which every shard must share."""
-    root = Path(out_dir)
+    root = Location.of(out_dir)
     path, (start, stop) = root / shard_name(k), shard_range(identity, k)
     if latents.shape[0] != stop - start:
         raise StoreError(f"{path}: rows: {latents.shape[0]} latents for items [{start}, {stop})")
@@ -427,31 +426,30 @@ def write_shard(out_dir: str | Path, identity: dict[str, Any], k: int, latents: 
     return list(latents.shape[1:])
 
 
-def finish_store(out_dir: str | Path, identity: dict[str, Any], latent_shape: list[int]) -> dict[str, Any]:
+def finish_store(out_dir: Where, identity: dict[str, Any], latent_shape: list[int]) -> dict[str, Any]:
     """Write the manifest (every shard's size and SHA-256) once all shards are written; the store is complete."""
-    root = Path(out_dir)
-    fsync_dir(root)
+    root = Location.of(out_dir)
+    root.sync()
     shards = []
     for k in range(num_shards(identity)):
         start, stop = shard_range(identity, k)
         path = root / shard_name(k)
-        shards.append({"file": path.name, "rows": stop - start, "bytes": path.stat().st_size,
-                       "sha256": sha256_file(path)})
+        shards.append({"file": path.name, "rows": stop - start, "bytes": path.size(), "sha256": path.sha256()})
     classes = identity["classes"]
     manifest = {"format": FORMAT_VERSION, "projector": identity["projector"], "source": identity["source"],
                 "split": identity["split"], "latent_shape": latent_shape, "dtype": identity["dtype"],
                 "count": identity["num_items"], "shard_size": identity["shard_size"], "shards": shards,
                 "created_unix": time.time(), "code_version": code_version(),
                 **({"classes": classes} if classes else {})}
-    write_json_atomic(root / MANIFEST_FILE, manifest)  # the store is complete from here on
-    (root / PLAN_FILE).unlink(missing_ok=True)
-    fsync_dir(root)
+    (root / MANIFEST_FILE).write_json(manifest)  # the store is complete from here on
+    (root / PLAN_FILE).unlink()
+    root.sync()
     log.info("wrote store %s: %d items in %d shards, latent_shape %s %s", root, identity["num_items"], len(shards),
              latent_shape, identity["dtype"])
     return manifest
 
 
-def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callable[[int, int], torch.Tensor],
+def precompute_store(out_dir: Where, *, num_items: int, load_images: Callable[[int, int], torch.Tensor],
                      encode: Callable[[torch.Tensor], torch.Tensor], projector: dict, source: dict, split: str,
                      shard_size: int = 512, batch_size: int = 64, dtype: str = "float16",
                      progress: bool = True, load_labels: Callable[[int, int], torch.Tensor] | None = None,
@@ -465,7 +463,7 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
     naming the differing field, without modifying anything. One process; `lmd.data.precompute`
     is the same build as a Ray Data pipeline (the same steps below, the same bytes).
     """
-    root = Path(out_dir)
+    root = Location.of(out_dir)
     if bool(classes) != (load_labels is not None):
         raise StoreError("classes and load_labels: give both (a labelled source) or neither")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -489,7 +487,7 @@ def precompute_store(out_dir: str | Path, *, num_items: int, load_images: Callab
 
 
 def _check_labels(labels: np.ndarray | torch.Tensor, start: int, stop: int, num_classes: int,
-                  path: Path) -> np.ndarray:
+                  path: Location) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.shape[0] != stop - start:
         raise StoreError(f"{path}: label: load_labels({start}, {stop}) gave {labels.shape[0]} labels")
@@ -498,7 +496,7 @@ def _check_labels(labels: np.ndarray | torch.Tensor, start: int, stop: int, num_
     return labels
 
 
-def _refuse_other_identity(path: Path, made: Any, wanted: dict[str, Any]) -> None:
+def _refuse_other_identity(path: Location, made: Any, wanted: dict[str, Any]) -> None:
     problems = differences(made if isinstance(made, dict) else {}, wanted, both=True)
     if problems:
         raise StoreError(f"{path}: this store was made for another run: " + "; ".join(problems)

@@ -18,15 +18,14 @@ budget holds a few windows; a rank never holds more than that, whatever the stor
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from lmd.data.lanes import StreamPlan
+from lmd.data.location import Location, Where
 from lmd.data.store import StoreError, decode_latents, item_width, validate_store
 
 if TYPE_CHECKING:
@@ -49,24 +48,25 @@ def _decode(batch: pa.Table, latent_shape: list[int], dtype: str) -> dict[str, n
             "index": batch["index"].to_numpy()}
 
 
-def _read_shards(root: Path, manifest: dict[str, Any]) -> ray.data.Dataset:
+def _read_shards(root: Location, manifest: dict[str, Any]) -> ray.data.Dataset:
     import ray.data
 
     # Ray 2.60 resolves a list of paths on 8 threads that each try `import fsspec.implementations.http`;
     # without aiohttp that import fails and concurrent importers get a bogus ImportError. Reading the
     # directory (one seed path) avoids the race; any other Parquet file or folder in it is skipped, so
     # exactly the manifest's shards are read (Ray itself ignores hidden names: the plan, temp files).
-    root = root.resolve()
+    root = root.absolute()
     wanted = {shard["file"] for shard in manifest["shards"]}
-    skip = [str(p) for p in root.iterdir() if p.name not in wanted and not p.name.startswith((".", "_"))
-            and (p.is_dir() or p.suffix == ".parquet")]
-    ds = ray.data.read_parquet(str(root), partitioning=None, file_extensions=["parquet"], skip_paths=skip or None)
+    others = [root / name for name in root.names() if name not in wanted and not name.startswith((".", "_"))]
+    skip = [other.fs_path for other in others if other.is_dir() or other.name.endswith(".parquet")]
+    ds = ray.data.read_parquet(root.fs_path, filesystem=root.filesystem, partitioning=None,
+                               file_extensions=["parquet"], skip_paths=skip or None)
     # Blocks in file order (read) and in key order (sort): rows then come in a defined order.
     ds.context.execution_options.preserve_order = True
     return ds
 
 
-def ray_dataset(store_dir: str | Path, *, verify_checksums: bool = False) -> ray.data.Dataset:
+def ray_dataset(store_dir: Where, *, verify_checksums: bool = False) -> ray.data.Dataset:
     """The store as a Ray Dataset of rows {"latent": np.float32 [C, h, w], "index": int64}, in item order.
 
     The manifest, footers and schemas are checked first (shard checksums too, if asked); Ray must
@@ -74,20 +74,20 @@ def ray_dataset(store_dir: str | Path, *, verify_checksums: bool = False) -> ray
     """
     _require_ray()
     manifest = validate_store(store_dir, verify_checksums=verify_checksums)
-    ds = _read_shards(Path(store_dir), manifest)
+    ds = _read_shards(Location.of(store_dir), manifest)
     return ds.map_batches(_decode, batch_format="pyarrow", zero_copy_batch=True,
                           fn_kwargs={"latent_shape": manifest["latent_shape"], "dtype": manifest["dtype"]})
 
 
 
 # ---------------------------------------------------------------------------------------------- windows
-def _shard_rows(path: Path, rows: int, first: int, width: int, size: int) -> np.ndarray:
+def _shard_rows(path: Location, rows: int, first: int, width: int, size: int) -> np.ndarray:
     """Shard `path`'s latents as raw bytes [rows, width], after checking it is the shard the manifest names."""
     try:
-        actual = path.stat().st_size
+        actual = path.size()
         if actual != size:
             raise StoreError(f"{path}: bytes: {actual}, manifest says {size} (replaced or truncated mid-run)")
-        table = pq.ParquetFile(path).read(columns=["index", "latent"])
+        table = path.parquet().read(columns=["index", "latent"])
     except (OSError, pa.ArrowException) as err:
         raise StoreError(f"{path}: Parquet unreadable ({type(err).__name__}: {err})") from None
     column = table["latent"].combine_chunks()
@@ -102,7 +102,7 @@ def _shard_rows(path: Path, rows: int, first: int, width: int, size: int) -> np.
                          offset=column.offset * width).reshape(rows, width)
 
 
-def _read_window(task: dict[str, np.ndarray], root: str, plan: StreamPlan, lanes: range,
+def _read_window(task: dict[str, np.ndarray], root: Location, plan: StreamPlan, lanes: range,
                  shards: list[dict[str, Any]], width: int) -> dict[str, np.ndarray]:
     """One Ray Data task: this rank's rows of one shuffle window, [steps * local_batch] in step order."""
     epoch, window, skip, stop = (int(task[k][0]) for k in ("epoch", "window", "skip", "stop"))
@@ -112,7 +112,7 @@ def _read_window(task: dict[str, np.ndarray], root: str, plan: StreamPlan, lanes
     out = np.empty((len(ids), width), dtype=np.uint8)
     for k in np.unique(shard_of):  # each shard the window touches is read once
         shard, mine = shards[k], shard_of == k
-        rows = _shard_rows(Path(root) / shard["file"], shard["rows"], int(starts[k]), width, shard["bytes"])
+        rows = _shard_rows(root / shard["file"], shard["rows"], int(starts[k]), width, shard["bytes"])
         out[mine] = rows[ids[mine] - starts[k]]
     return {"latent": out, "index": ids}
 
@@ -145,11 +145,11 @@ class RayLatentStream:
     shard replaced mid-run stops the run with a StoreError naming the file.
     """
 
-    def __init__(self, store_dir: str | Path, batch_size: int, seed: int, shuffle: bool = True, *,
+    def __init__(self, store_dir: Where, batch_size: int, seed: int, shuffle: bool = True, *,
                  lanes: int = 8, window_items: int = 2048, rank: int = 0, world_size: int = 1,
                  total_steps: int | None = None, readers: int = 2, verify_checksums: bool = False):
         _require_ray()
-        self.store_dir = Path(store_dir).resolve()
+        self.store_dir = Location.of(store_dir).absolute()
         self.manifest = validate_store(self.store_dir, verify_checksums=verify_checksums)
         self.count: int = self.manifest["count"]
         try:
@@ -207,7 +207,7 @@ class RayLatentStream:
             object_store_memory=(self.readers + 2) * window_bytes)
         ds = ds.map_batches(_read_window, batch_size=1, batch_format="numpy",
                             compute=ray.data.TaskPoolStrategy(size=self.readers),
-                            fn_kwargs={"root": str(self.store_dir), "plan": self.plan, "lanes": self.lanes,
+                            fn_kwargs={"root": self.store_dir, "plan": self.plan, "lanes": self.lanes,
                                        "shards": self.manifest["shards"], "width": self.width})
         self._iter = iter(ds.iter_batches(batch_size=self.local_batch, batch_format="numpy", prefetch_batches=2))
         self._next_step = step
