@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import random
 import subprocess
 import sys
 import time
@@ -166,14 +167,16 @@ PROJECTOR_FILES = {
                                                        metadata=_own_meta(scale="nan")), "must be finite"),
     "card-not-json": ("p.safetensors", lambda d: save_file({"x": torch.zeros(3)}, str(d / "p.safetensors"),
                                                            metadata=_own_meta(card="{x")), "card is not valid JSON"),
-    "random-bytes": ("p.safetensors", lambda d: (d / "p.safetensors").write_bytes(os.urandom(4096)),
+    "random-bytes": ("p.safetensors", lambda d: (d / "p.safetensors").write_bytes(random.Random(2).randbytes(4096)),
                      "not a readable .safetensors file"),
     "empty-safetensors": ("p.safetensors", lambda d: (d / "p.safetensors").write_bytes(b""),
                           "not a readable .safetensors file"),
     "empty-pth": ("taesd:taesd", lambda d: _taesd_dir(d, lambda p: p.write_bytes(b"")),
                   "taesd_encoder.pth: cannot be read as a state dict"),
-    "random-pth": ("taesd:taesd", lambda d: _taesd_dir(d, lambda p: p.write_bytes(os.urandom(4096))),
-                   "refused by torch.load(weights_only=True)"),
+    # Random bytes fail in the unpickler in many ways (bad opcode, bad UTF-8, truncated...): each is one line naming
+    # the file. Seeded, so the case is the same in every run.
+    "random-pth": ("taesd:taesd", lambda d: _taesd_dir(d, lambda p: p.write_bytes(random.Random(1).randbytes(4096))),
+                   "taesd/taesd_encoder.pth: "),
     "pth-tensor": ("taesd:taesd", lambda d: _taesd_dir(d, lambda p: torch.save(torch.zeros(3), p)),
                    "not a state dict (a mapping of names to tensors), but a Tensor"),
     "pth-list": ("taesd:taesd", lambda d: _taesd_dir(d, lambda p: torch.save([torch.zeros(3)], p)),

@@ -151,10 +151,11 @@ def store_classes(manifest: dict[str, Any]) -> list[str]:
     return list(manifest.get("classes") or [])
 
 
-def check_shard(path: Location, rows: int, latent_shape: Sequence[int] | None, dtype: str, first_index: int,
+def check_shard(path: Where, rows: int, latent_shape: Sequence[int] | None, dtype: str, first_index: int,
                 num_classes: int = 0) -> list[int]:
     """Check a shard's Parquet footer, schema, row count, index and (labelled stores) label column;
     returns its latent_shape."""
+    path = Location.of(path)
     try:
         pf = path.parquet()
         schema = pf.schema_arrow
@@ -195,7 +196,8 @@ def check_shard(path: Location, rows: int, latent_shape: Sequence[int] | None, d
     return shard_shape
 
 
-def _read_column(path: Location, name: str, pf: pq.ParquetFile | None = None) -> np.ndarray:
+def _read_column(path: Where, name: str, pf: pq.ParquetFile | None = None) -> np.ndarray:
+    path = Location.of(path)
     try:
         column = (pf or path.parquet()).read(columns=[name])[name]
         if column.null_count:
