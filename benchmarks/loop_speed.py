@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10, help="the loop's log interval (lmd train's default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default", help="with --compile: default, reduce-overhead (CUDA "
+                        "graphs) or max-autotune")
     parser.add_argument("--profile-steps", type=int, default=20, help="steps profiled for the host breakdown (0: skip)")
     args = parser.parse_args()
 
@@ -95,7 +97,7 @@ def main() -> None:
     base = {"model.preset": args.preset, "data.dataset": "synthetic", "data.batch_size": args.batch_size,
             "data.num_train": max(args.batch_size * 8, 512), "data.num_val": args.batch_size,
             "mask.scheduler": "constant", "mask.end": args.ratio, "run.device": args.device,
-            "run.compile": args.compile, "run.log_every": args.log_every, "run.eval_every": 10 * total,
+            "run.compile": args.compile, "run.compile_mode": args.compile_mode, "run.log_every": args.log_every, "run.eval_every": 10 * total,
             "run.ckpt_every": 10 * total, "optim.warmup_steps": 1}
     cfg = build_config(overrides={**base, "run.steps": total})
     loop = loop_rate(cfg, args.warmup)
@@ -104,7 +106,7 @@ def main() -> None:
                                    else torch.device("cpu"))
     flops = train_flops_per_sample(cfg.model, args.ratio)
     print(f"loop_speed: preset {args.preset}, batch {args.batch_size}, ratio {args.ratio}, device {name}, "
-          f"compile {args.compile}, threads {torch.get_num_threads()}")
+          f"compile {args.compile and args.compile_mode}, threads {torch.get_num_threads()}")
     print(f"{'what':<34}{'samples/s':>12}{'TFLOP/s':>10}{'MFU':>8}")
     for label, rate in (("bare step (Engine.train_step)", step), ("real loop (Engine.fit)", loop)):
         mfu = f"{rate * flops / peak:.1%}" if peak else "-"

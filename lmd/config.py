@@ -29,6 +29,7 @@ from lmd.options import FIELD_TYPES, option
 SCHEDULERS = ("uniform", "piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes
 DATASETS = ("fashion-mnist", "bundled", "mnist", "synthetic")  # or a directory of images
 LOADERS = ("auto", "ray", "memory")
 PIXEL_PROJECTORS = ("identity",)  # projectors that keep pixel space (f=1, 3 channels)
@@ -219,6 +220,8 @@ class RunConfig:
     precision: str = option("auto", "--precision", f"{', '.join(PRECISIONS)} (default {{default}}: bf16 autocast on "
                             "CUDA, fp32 on CPU)")
     compile: bool = option(False, "--compile", "torch.compile the model")
+    compile_mode: str = option("default", "--compile-mode", f"with --compile: {', '.join(COMPILE_MODES)} (default "
+                               "{default}; reduce-overhead replays CUDA graphs, one per visible-token count)")
 
     def validate(self) -> None:
         _require(self.steps > 0, "run.steps", self.steps, "must be > 0")
@@ -228,6 +231,8 @@ class RunConfig:
         _require(self.device in DEVICES, "run.device", self.device, f"choose one of {', '.join(DEVICES)}")
         _require(self.precision in PRECISIONS, "run.precision", self.precision,
                  f"choose one of {', '.join(PRECISIONS)}")
+        _require(self.compile_mode in COMPILE_MODES, "run.compile_mode", self.compile_mode,
+                 f"choose one of {', '.join(COMPILE_MODES)}")
 
 
 @dataclass(frozen=True)

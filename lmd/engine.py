@@ -58,7 +58,10 @@ CHECKPOINT_DIR = "checkpoints"
 EVAL_SEED = 20_240_101  # evaluation masks are the same at every eval, in every run
 # Fields that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"run.log_every", "run.eval_every", "run.ckpt_every", "run.keep_last", "run.device",
-                     "run.precision", "run.compile"}
+                     "run.precision", "run.compile", "run.compile_mode"}
+# In-memory latents move onto a GPU when they take at most this share of its free memory (the model, its
+# activations and the optimizer keep the rest).
+RESIDENT_SHARE = 0.25
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,11 +117,37 @@ def initial_model(cfg: ModelConfig, seed: int) -> MaskedLatentTransformer:
         return build_model(cfg)
 
 
-def compile_model(module: torch.nn.Module, cfg: ModelConfig) -> Callable[..., Any]:
-    """torch.compile, allowing one static-shape graph per visible-token count a schedule visits."""
+def compile_model(module: torch.nn.Module, cfg: ModelConfig, mode: str = "default") -> Callable[..., Any]:
+    """torch.compile, allowing one static-shape graph per visible-token count a schedule visits.
+
+    `mode="reduce-overhead"` also captures each graph as a CUDA graph (on CUDA): a step is then one
+    replay instead of hundreds of kernel launches, which is what a small model's step is made of.
+    """
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_name, max(8, cfg.num_patches + 1))
-    return torch.compile(module)
+    return torch.compile(module, mode=mode)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far: rows carry it, so a run (a Ray Train worker, a Tune
+    trial) shows that it trains compiled, and how many shapes its schedule made it compile."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def place_on_device(source: Any, device: torch.device) -> bool:
+    """Move an in-memory batch source onto a GPU when it fits in `RESIDENT_SHARE` of the free memory, so a
+    step gathers its batch there (no host gather, no per-step copy); returns whether it moved."""
+    move, latents = getattr(source, "to_device", None), getattr(source, "latents", None)
+    if move is None or latents is None or device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    need = latents.numel() * latents.element_size()
+    if need > RESIDENT_SHARE * free:
+        log.info("latents stay in host memory (%.0f MiB > %.0f%% of the GPU's %.0f MiB free)", need / 2**20,
+                 100 * RESIDENT_SHARE, free / 2**20)
+        return False
+    move(device)
+    return True
 
 
 def throughput(before: tuple[int, float, float], now: tuple[int, float, float], batch_size: int,
@@ -201,13 +230,16 @@ class Engine:
                              f"of {world_size}: build the data with prepare_data(cfg, rank=, world_size=)")
         self.val_latents = data.val
         self.projector, self.val_images, self.probe = data.projector, data.val_images, data.probe
+        self.resident = place_on_device(self.data, device)
 
         self.model: MaskedLatentTransformer = initial_model(cfg.model, cfg.run.seed).to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         # What a training step calls: the model, wrapped for data parallelism, then compiled (compiling the
         # wrapper lets DDP's bucketed all-reduce overlap with the compiled backward).
         forward = wrap_model(self.model) if wrap_model is not None else self.model
-        self.forward = compile_model(forward, cfg.model) if cfg.run.compile else forward
+        self.forward = compile_model(forward, cfg.model, cfg.run.compile_mode) if cfg.run.compile else forward
+        # CUDA graphs replay into the same output memory: a step marks its start, and keeps a copy of its loss.
+        self.cuda_graphs = cfg.run.compile and cfg.run.compile_mode == "reduce-overhead" and device.type == "cuda"
         self.noise_gen = torch.Generator(device=device)
         self.step = 0
         self.wall_offset = 0.0
@@ -220,6 +252,8 @@ class Engine:
     def train_step(self, latents: torch.Tensor, ratio: float, noise: torch.Tensor) -> torch.Tensor:
         """One optimisation step. latents: [B, C, H, W]; noise: [B, L]. Returns the loss (on device)."""
         self.model.train()
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, _, _ = self.forward(latents, ratio, noise)
@@ -228,7 +262,8 @@ class Engine:
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
         self.optimizer.step()
-        return loss.detach()
+        # The loss is read back only at the next log row: a CUDA graph's output would be overwritten by then.
+        return loss.detach().clone() if self.cuda_graphs else loss.detach()
 
     def mask_noise(self, batch_size: int, step: int, rank: int = 0) -> torch.Tensor:
         self.noise_gen.manual_seed(step_seed(self.cfg.run.seed, step, rank))
@@ -400,7 +435,8 @@ class Engine:
                         "loss": sum(losses) / len(losses),
                         "loss_last": last_loss, "mask_ratio": ratio, "lr": lr,
                         **throughput(since, (self.step, self.wall_offset, flops), self.cfg.data.batch_size,
-                                     self.peak_flops)}
+                                     self.peak_flops),
+                        **({"compiled_graphs": compiled_graphs()} if self.cfg.run.compile else {})}
                     since = (self.step, self.wall_offset, flops)
                     if do_eval:
                         eval_started = time.perf_counter()

@@ -130,6 +130,7 @@ SAMPLES = {
     "data.batch_size": 32, "data.num_train": 512, "data.num_val": 32,
     "data.num_probe": 20, "run.steps": 7, "run.seed": 3, "run.log_every": 2, "run.eval_every": 3,
     "run.ckpt_every": 4, "run.keep_last": 5, "run.device": "cpu", "run.precision": "fp32", "run.compile": True,
+    "run.compile_mode": "reduce-overhead",
     "cluster.workers": 2, "cluster.gpus_per_worker": 0.5, "cluster.cpus_per_worker": 2.0,
     "cluster.storage": "s3://bucket/runs", "cluster.name": "exp", "cluster.max_failures": 0,
     "cluster.spread": True, "cluster.keep_best": True,

@@ -239,19 +239,25 @@ def test_every_row_carries_throughput_and_only_rank_zero_logs(tmp_path, caplog):
     assert (tmp_path / "r1" / "metrics.jsonl").read_text().count("\n") == len(rows)
 
 
-def test_compile_wraps_the_wrapped_model_and_trains_like_eager(tmp_path, monkeypatch):
-    # Dynamo + AOTAutograd trace forward and backward as inductor would, without minutes of C++ codegen.
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_wraps_the_wrapped_model_and_trains_like_eager(tmp_path, monkeypatch, mode):
+    # Dynamo + AOTAutograd trace forward and backward as inductor would, without minutes of C++ codegen
+    # (aot_eager has no modes: the one asked for is recorded, as inductor would receive it).
+    modes = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or real_compile(
+        module, backend="aot_eager"))
     cfg = tiny_config(**{"run.steps": 3, "run.log_every": 1, "mask.scheduler": "constant"})
     eager = local_engine(cfg, tmp_path / "eager")
     eager.fit()
     compiled_cfg = tiny_config(**{"run.steps": 3, "run.log_every": 1, "mask.scheduler": "constant",
-                                  "run.compile": True})
+                                  "run.compile": True, "run.compile_mode": mode})
     wrapped = []
     compiled = Engine(compiled_cfg, tmp_path / "compiled", prepare_data(compiled_cfg), torch.device("cpu"),
                       wrap_model=lambda m: wrapped.append(m) or m)
     # What a step calls is the compiled form of what the wrapper returned (DDP under Ray Train).
     assert wrapped == [compiled.model] and getattr(compiled.forward, "_orig_mod", None) is compiled.model
+    assert modes == [mode] and not compiled.cuda_graphs  # CUDA graphs only on CUDA; CPU compiles the same graphs
     compiled.fit()
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("eager", "compiled")]
@@ -323,3 +329,17 @@ def test_an_unwritable_run_dir_is_one_error_naming_it(tmp_path, blocker):
     run_dir = tmp_path / "taken" if blocker == "a file" else tmp_path / "taken" / "run"
     with pytest.raises(RunDirError, match=f"run dir {run_dir}: cannot write there"):
         local_engine(tiny_config(), run_dir).fit()
+
+
+def test_latents_moved_to_the_device_give_the_same_batches_and_labels():
+    from lmd.data.memory import InMemoryLatents
+
+    latents, labels = torch.randn(40, 4, 2, 2), torch.arange(40) % 7
+    host = InMemoryLatents(latents.clone(), 8, seed=3, labels=labels, rank=1, world_size=2)
+    moved = InMemoryLatents(latents.clone(), 8, seed=3, labels=labels, rank=1, world_size=2)
+    moved.batch(0)  # an epoch's order already cached before the move must follow the latents
+    moved.to_device(torch.device("cpu"))
+    for step in range(12):  # 5 steps an epoch: crosses two epoch boundaries
+        assert torch.equal(moved.batch(step), host.batch(step))
+        assert all(torch.equal(a, b) for a, b in zip(moved.labelled_batch(step), host.labelled_batch(step)))
+    assert moved._perm_on_latents.device == moved.latents.device

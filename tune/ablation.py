@@ -87,9 +87,7 @@ def experiment(args: argparse.Namespace) -> tuple[ExperimentSpec, AblationSpec]:
     exp = ExperimentSpec(prog=PROG, name=args.name, storage=args.storage, address=args.address, resume=args.resume,
                          workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
                          gpus_per_trial=args.gpus_per_trial)
-    base = TrialBase(preset=args.preset, dataset=args.dataset, projector=args.projector, resolution=args.resolution,
-                     batch_size=args.batch_size, num_train=args.num_train, num_val=args.num_val,
-                     num_probe=args.num_probe)
+    base = TrialBase.from_flags(args)
     ablation = AblationSpec(variants=pick_variants(VARIANTS, args.variants), seeds=args.seeds,
                             budget_by=args.budget_by, budget=args.budget, evals=args.evals,
                             target_metric=args.target_metric, base=base)

@@ -66,30 +66,45 @@ class InMemoryLatents:
         self.steps_per_epoch = latents.shape[0] // batch_size  # drop the ragged tail each epoch
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
+        self._perm_on_latents = self._perm  # the same order where the latents are (a GPU once `to_device`)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def to_device(self, device: torch.device) -> None:
+        """Hold the latents on `device`, so a step gathers its batch there: no host gather, no host-to-device
+        copy per step (one copy of the order per epoch). The batches are the same values."""
+        self.latents = self.latents.to(device)
+        self._perm_on_latents = self._perm.to(device)
+
+    def _permutation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's order (host) and the same order on the latents' device."""
         if epoch != self._perm_epoch:  # cache: consecutive steps share an epoch
             self._perm = epoch_order(self.latents.shape[0], self.seed, epoch)
+            self._perm_on_latents = self._perm.to(self.latents.device)
             self._perm_epoch = epoch
-        return self._perm
+        return self._perm, self._perm_on_latents
 
-    def batch_ids(self, step: int) -> torch.Tensor:
-        """Item indices of this rank's part of the batch consumed at global `step`: [batch_size // world_size]."""
+    def _positions(self, step: int) -> tuple[int, slice]:
         epoch, index = divmod(step, self.steps_per_epoch)
         local = self.batch_size // self.world_size
         start = index * self.batch_size + self.rank * local
-        return self._permutation(epoch)[start:start + local]
+        return epoch, slice(start, start + local)
+
+    def batch_ids(self, step: int) -> torch.Tensor:
+        """Item indices (on the host) of this rank's part of the batch at global `step`: [batch_size // world_size]."""
+        epoch, rows = self._positions(step)
+        return self._permutation(epoch)[0][rows]
 
     def batch(self, step: int) -> torch.Tensor:
-        """This rank's part of the batch consumed at global `step`: [batch_size // world_size, C, H, W]."""
-        return self.latents[self.batch_ids(step)]
+        """This rank's part of the batch consumed at global `step`: [batch_size // world_size, C, H, W], on the
+        latents' device."""
+        epoch, rows = self._positions(step)
+        return self.latents[self._permutation(epoch)[1][rows]]
 
     def labelled_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents [B, C, H, W], labels [B]) of global `step`: the same items as `batch(step)`."""
         if self.labels is None:
             raise ValueError("these latents carry no labels (an unlabelled store)")
         ids = self.batch_ids(step)
-        return self.latents[ids], self.labels[ids]
+        return self.latents[ids.to(self.latents.device)], self.labels[ids]

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from lmd.config import ConfigError, TrainConfig, check_name
+from lmd.config import COMPILE_MODES, ConfigError, TrainConfig, check_name
 from lmd.entry import (
     EXIT_RUNTIME,
     EXIT_USAGE,
@@ -125,6 +125,9 @@ def add_shared_flags(p: argparse.ArgumentParser, name: str) -> None:
     data.add_argument("--num-train", type=int, default=20000)
     data.add_argument("--num-val", type=int, default=1000, help="held-out items (PSNR decodes the first 32 of them)")
     data.add_argument("--num-probe", type=int, default=1000, help="labelled training items the linear probe is fit on")
+    data.add_argument("--compile", action="store_true", help="torch.compile every trial's model")
+    data.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                      help="with --compile (reduce-overhead: CUDA graphs on GPU trials)")
     where = p.add_argument_group("where it runs")
     where.add_argument("--address", help="Ray cluster address (default: local Ray)")
     where.add_argument("--gpus-per-trial", type=float, default=0.0)

@@ -91,6 +91,15 @@ class TrialBase:
     num_train: int
     num_val: int
     num_probe: int
+    compile: bool = False  # torch.compile each trial's model (under Ray Train too)
+    compile_mode: str = "default"  # reduce-overhead: CUDA graphs on GPU trials
+
+    @classmethod
+    def from_flags(cls, args: Any) -> TrialBase:
+        """The flags `add_shared_flags` defines, as the ablation and the search both read them."""
+        return cls(preset=args.preset, dataset=args.dataset, projector=args.projector, resolution=args.resolution,
+                   batch_size=args.batch_size, num_train=args.num_train, num_val=args.num_val,
+                   num_probe=args.num_probe, compile=args.compile, compile_mode=args.compile_mode)
 
     @property
     def latent_projector(self) -> str:
@@ -106,7 +115,7 @@ class TrialBase:
         return {"model.preset": self.preset, "data.dataset": self.dataset, "data.projector": self.latent_projector,
                 "data.resolution": self.resolution, "data.batch_size": self.batch_size,
                 "data.num_train": self.num_train, "data.num_val": self.num_val, "data.num_probe": self.num_probe,
-                "run.device": device}
+                "run.device": device, "run.compile": self.compile, "run.compile_mode": self.compile_mode}
 
 
 def check_placement(placement: Placement, batch_size: int) -> None:
