@@ -97,7 +97,8 @@ def main() -> None:
     base = {"model.preset": args.preset, "data.dataset": "synthetic", "data.batch_size": args.batch_size,
             "data.num_train": max(args.batch_size * 8, 512), "data.num_val": args.batch_size,
             "mask.scheduler": "constant", "mask.end": args.ratio, "run.device": args.device,
-            "run.compile": args.compile, "run.compile_mode": args.compile_mode, "run.log_every": args.log_every, "run.eval_every": 10 * total,
+            "run.compile": args.compile, "run.compile_mode": args.compile_mode, "run.log_every": args.log_every,
+            "run.eval_every": 10 * total,
             "run.ckpt_every": 10 * total, "optim.warmup_steps": 1}
     cfg = build_config(overrides={**base, "run.steps": total})
     loop = loop_rate(cfg, args.warmup)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -341,5 +340,6 @@ def test_latents_moved_to_the_device_give_the_same_batches_and_labels():
     moved.to_device(torch.device("cpu"))
     for step in range(12):  # 5 steps an epoch: crosses two epoch boundaries
         assert torch.equal(moved.batch(step), host.batch(step))
-        assert all(torch.equal(a, b) for a, b in zip(moved.labelled_batch(step), host.labelled_batch(step)))
+        pairs = zip(moved.labelled_batch(step), host.labelled_batch(step), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
     assert moved._perm_on_latents.device == moved.latents.device

@@ -9,7 +9,9 @@ with one Optuna trial per Tune trial (ResumableOptunaSearch).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -63,14 +65,20 @@ def best_trial(results: Any, metric: str, mode: str) -> str:
     return f"best {metric}={value if value is not None else math.nan:.3f} with {sampled}"
 
 
-class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch whose resume hands out the Optuna trials asked but never saved in Tune's state.
+TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute: which Tune trial an Optuna trial was asked for
 
-    Tune asks the searcher for a trial and saves its own state (trials, searcher) a moment later; a
-    driver killed in between leaves a RUNNING trial in the study's journal that no Tune trial knows.
-    Plain OptunaSearch asks a new one on resume, so the study holds that orphan for ever; this one
-    gives the orphan to the next new Tune trial, and Optuna replays its values (a parameter already
-    suggested in a trial keeps its value).
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that resumes with one Optuna trial per Tune trial, wherever the driver was killed.
+
+    Tune saves its trials, then the searcher, a moment later, and asks the searcher for trials in
+    between. Each Optuna trial records the Tune trial it was asked for (a user attribute, in the
+    study's journal at once), so a restore can tell, for each RUNNING Optuna trial its saved state
+    does not know, which of two kills left it:
+    - Tune saved the trial but not the searcher: Tune resumes that trial, and it gets its Optuna
+      trial back (plain OptunaSearch fails with a KeyError on its first report);
+    - Tune never saved the trial: no Tune trial will come back for it, so the next new Tune trial
+      gets it, and Optuna replays its values (plain OptunaSearch leaves it RUNNING for ever).
     """
 
     _orphans: tuple[int, ...] = ()  # Optuna trial ids asked before the restore, known to no Tune trial
@@ -78,11 +86,29 @@ class ResumableOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         known = {trial._trial_id for trial in self._ot_trials.values()}
-        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        self._orphans = tuple(t._trial_id for t in running if t._trial_id not in known)
+        saved = _tune_state_text(Path(checkpoint_path).parent)
+        orphans = []
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t._trial_id in known:
+                continue
+            tune_id = t.user_attrs.get(TUNE_TRIAL_ATTR)
+            if isinstance(tune_id, str) and re.search(rf"(?<![0-9A-Za-z_]){re.escape(tune_id)}(?![0-9A-Za-z_])",
+                                                      saved):
+                self._ot_trials[tune_id] = optuna.Trial(self._ot_study, t._trial_id)
+            else:
+                orphans.append(t._trial_id)
+        self._orphans = tuple(orphans)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if trial_id not in self._ot_trials and self._orphans:
             self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._orphans[0])
             self._orphans = self._orphans[1:]
-        return super().suggest(trial_id)
+        params = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return params
+
+
+def _tune_state_text(folder: Path) -> str:
+    """The text of Tune's saved experiment state in `folder` (every trial it will resume is named there)."""
+    return "".join(path.read_text(errors="replace") for path in sorted(folder.glob("experiment_state-*.json")))
