@@ -190,8 +190,13 @@ class DataConfig:
         _require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {', '.join(LOADERS)}")
         _require(self.resolution >= 0 and self.resolution % LATENT_FACTOR == 0, "data.resolution", self.resolution,
                  f"must be a positive multiple of {LATENT_FACTOR}")
-        # A URI (s3://...) is checked when the run opens it: that needs the network and credentials.
-        _require(not self.latents or "://" in self.latents or Path(self.latents).is_dir(), "data.latents",
+        # A URI (s3://...) is checked when the run opens it: that needs the network and credentials. It is saved
+        # with the run (config.json, checkpoints), so it must not carry credentials.
+        uri = "://" in self.latents and not self.latents.startswith("file://")
+        _require(not uri or "@" not in self.latents.split("://", 1)[1].split("/", 1)[0], "data.latents",
+                 "<a URI with credentials>", "credentials in the URI would be saved with the run; set them in the "
+                 "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or use an instance role")
+        _require(not self.latents or uri or Path(self.latents.removeprefix("file://")).is_dir(), "data.latents",
                  self.latents, "no such directory (make one with `lmd precompute`)")
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be > 0")
         _require(self.stream_lanes > 0, "data.stream_lanes", self.stream_lanes, "must be > 0")

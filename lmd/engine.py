@@ -42,7 +42,7 @@ from lmd.device import autocast_dtype
 from lmd.evaluation import reconstruction_psnr
 from lmd.flops import device_peak_flops, step_flops, train_flops_until
 from lmd.io import write_json_atomic, write_text_atomic
-from lmd.masking import mask_ratio
+from lmd.masking import mask_ratio, shape_ratio
 from lmd.model import MaskedLatentTransformer, build_model
 from lmd.optim import build_optimizer, set_lr, warmup_cosine
 from lmd.probe import linear_probe
@@ -122,16 +122,30 @@ def compile_model(module: torch.nn.Module, cfg: ModelConfig, mode: str = "defaul
 
     `mode="reduce-overhead"` also captures each graph as a CUDA graph (on CUDA): a step is then one
     replay instead of hundreds of kernel launches, which is what a small model's step is made of.
+    Static shapes (`dynamic=False`): the step passes one ratio per visible count (`masking.shape_ratio`), so
+    each count gets its own graph with concrete sizes, instead of one symbolic-size graph that CUDA graphs
+    and inductor's size-specialised kernels handle worse.
     """
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_name, max(8, cfg.num_patches + 1))
-    return torch.compile(module, mode=mode)
+    return torch.compile(module, mode=mode, dynamic=False)
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process so far: rows carry it, so a run (a Ray Train worker, a Tune
-    trial) shows that it trains compiled, and how many shapes its schedule made it compile."""
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
+    """Whether torch.compile's `mode` replays CUDA graphs on `device` (reduce-overhead and max-autotune do)."""
+    if device.type != "cuda":
+        return False
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs", False))
+
+
+def compiled_graphs() -> int | None:
+    """Graphs torch.compile has built in this process so far (None if torch no longer counts them where we look)."""
+    try:
+        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def place_on_device(source: Any, device: torch.device) -> bool:
@@ -239,7 +253,10 @@ class Engine:
         forward = wrap_model(self.model) if wrap_model is not None else self.model
         self.forward = compile_model(forward, cfg.model, cfg.run.compile_mode) if cfg.run.compile else forward
         # CUDA graphs replay into the same output memory: a step marks its start, and keeps a copy of its loss.
-        self.cuda_graphs = cfg.run.compile and cfg.run.compile_mode == "reduce-overhead" and device.type == "cuda"
+        self.cuda_graphs = cfg.run.compile and uses_cuda_graphs(cfg.run.compile_mode, device)
+        # Rows of a compiled run carry the graphs compiled since here: > 0 shows the step runs compiled (in a Ray
+        # Train worker, a Tune trial), and the count is the visible-token counts the schedule has reached so far.
+        self._graphs_before = compiled_graphs() or 0
         self.noise_gen = torch.Generator(device=device)
         self.step = 0
         self.wall_offset = 0.0
@@ -254,6 +271,7 @@ class Engine:
         self.model.train()
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        ratio = shape_ratio(self.cfg.model.num_patches, ratio)  # the same visible count: one graph per count
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, _, _ = self.forward(latents, ratio, noise)
@@ -436,7 +454,8 @@ class Engine:
                         "loss_last": last_loss, "mask_ratio": ratio, "lr": lr,
                         **throughput(since, (self.step, self.wall_offset, flops), self.cfg.data.batch_size,
                                      self.peak_flops),
-                        **({"compiled_graphs": compiled_graphs()} if self.cfg.run.compile else {})}
+                        **({"compiled_graphs": (compiled_graphs() or 0) - self._graphs_before}
+                           if self.cfg.run.compile else {})}
                     since = (self.step, self.wall_offset, flops)
                     if do_eval:
                         eval_started = time.perf_counter()

@@ -88,6 +88,15 @@ def num_visible(num_patches: int, ratio: float) -> int:
     return min(max(round(num_patches * (1.0 - ratio)), 1), num_patches - 1)
 
 
+def shape_ratio(num_patches: int, ratio: float) -> float:
+    """The ratio that stands for `ratio` in a step: 1 - num_visible / L, the same visible count.
+
+    A schedule's ratios are continuous, its shapes are not: passing one float per visible count lets
+    torch.compile build one static graph per count (and recompile never for a mere change of ratio).
+    """
+    return 1.0 - num_visible(num_patches, ratio) / num_patches
+
+
 def random_masking(
     x: torch.Tensor, keep: int, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

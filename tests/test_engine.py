@@ -244,8 +244,8 @@ def test_compile_wraps_the_wrapped_model_and_trains_like_eager(tmp_path, monkeyp
     # (aot_eager has no modes: the one asked for is recorded, as inductor would receive it).
     modes = []
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or real_compile(
-        module, backend="aot_eager"))
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: modes.append(mode) or real_compile(
+        module, backend="aot_eager", dynamic=dynamic))
     cfg = tiny_config(**{"run.steps": 3, "run.log_every": 1, "mask.scheduler": "constant"})
     eager = local_engine(cfg, tmp_path / "eager")
     eager.fit()
@@ -328,6 +328,67 @@ def test_an_unwritable_run_dir_is_one_error_naming_it(tmp_path, blocker):
     run_dir = tmp_path / "taken" if blocker == "a file" else tmp_path / "taken" / "run"
     with pytest.raises(RunDirError, match=f"run dir {run_dir}: cannot write there"):
         local_engine(tiny_config(), run_dir).fit()
+
+
+def test_a_compiled_schedule_builds_one_graph_per_visible_count_and_trains_like_eager(tmp_path, monkeypatch):
+    # Static shapes: the step passes one ratio per visible count, so a cosine schedule over 12 steps compiles
+    # exactly one graph per count it reaches (a symbolic-size graph would serve them all after the second).
+    from lmd.masking import mask_ratio, num_visible
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: real_compile(
+        module, backend="aot_eager", dynamic=dynamic))
+    overrides = {"run.steps": 12, "run.log_every": 12, "mask.scheduler": "cosine", "mask.start": 0.1,
+                 "mask.end": 0.9, "mask.ramp": 1.0}
+    compiled = local_engine(tiny_config(**overrides, **{"run.compile": True}), tmp_path / "compiled")
+    compiled.fit()
+    eager = local_engine(tiny_config(**overrides), tmp_path / "eager")
+    eager.fit()
+    cfg = compiled.cfg
+    counts = {num_visible(cfg.model.num_patches, mask_ratio(t, 12, cfg.mask)) for t in range(12)}
+    assert len(counts) >= 3  # the schedule does visit several shapes
+    row = json.loads(compiled.metrics_path.read_text().splitlines()[-1])
+    assert row["compiled_graphs"] == len(counts)
+    assert row["loss"] == pytest.approx(json.loads(eager.metrics_path.read_text().splitlines()[-1])["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("mode", "graphs"), [("default", False), ("reduce-overhead", True), ("max-autotune", True)])
+def test_cuda_graph_modes_are_known_and_mark_each_step(tmp_path, monkeypatch, mode, graphs):
+    from lmd.config import COMPILE_MODES
+    from lmd.engine import uses_cuda_graphs
+
+    assert mode in COMPILE_MODES
+    assert uses_cuda_graphs(mode, torch.device("cuda")) is graphs and not uses_cuda_graphs(mode, torch.device("cpu"))
+    # The step's CUDA-graph handling, exercised on CPU: a mark per step, and a loss that is the step's own copy.
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    engine = local_engine(tiny_config(**{"run.steps": 3, "run.log_every": 1}), tmp_path)
+    engine.cuda_graphs = graphs
+    outputs = []
+    real_forward = engine.forward
+    engine.forward = lambda *a: outputs.append(real_forward(*a)) or outputs[-1]
+    latents = engine.data.batch(0).float()
+    loss = engine.train_step(latents, 0.75, engine.mask_noise(latents.shape[0], 0))
+    assert marks == ([1] if graphs else [])
+    assert (loss.data_ptr() != outputs[-1][0].data_ptr()) is graphs  # a replay would overwrite the output's memory
+
+
+def test_in_memory_latents_move_to_a_gpu_only_when_they_fit_a_quarter_of_its_free_memory(monkeypatch):
+    from lmd.engine import place_on_device
+
+    class Source:
+        latents = torch.zeros(1024, 256)  # 1 MiB of float32
+        moved_to = None
+
+        def to_device(self, device):
+            self.moved_to = device
+
+    for free, moves in ((4 * 2**20, True), (4 * 2**20 - 1, False)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * 2**30))
+        source = Source()
+        assert place_on_device(source, torch.device("cuda")) is moves
+        assert source.moved_to == (torch.device("cuda") if moves else None)
+    assert place_on_device(Source(), torch.device("cpu")) is False  # host memory already
 
 
 def test_latents_moved_to_the_device_give_the_same_batches_and_labels():

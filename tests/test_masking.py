@@ -109,3 +109,13 @@ def test_schedule_cli_prints_a_table(capsys):
                  "--mask-ramp", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].split() == ["10", "0.5000"]
+
+
+def test_shape_ratio_keeps_the_visible_count_with_one_value_per_count():
+    from lmd.masking import shape_ratio
+
+    for length in (4, 16, 49, 196, 1024):
+        ratios = [i / 997 for i in range(997)]
+        for r in ratios:
+            assert num_visible(length, shape_ratio(length, r)) == num_visible(length, r)
+        assert len({shape_ratio(length, r) for r in ratios}) == len({num_visible(length, r) for r in ratios})

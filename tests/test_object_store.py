@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,15 @@ import pytest
 from lmd.config import build_config
 from lmd.data.latents import build_store, prepare_data
 from lmd.data.location import Location
-from lmd.data.store import MANIFEST_FILE, PLAN_FILE, StoreError, read_store, shard_name, validate_store
+from lmd.data.store import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    StoreError,
+    read_store,
+    shard_name,
+    validate_store,
+    write_shard,
+)
 from lmd.projector import load_projector
 
 BUCKET = "lmd-test"
@@ -27,24 +36,35 @@ PROJECTOR, RESOLUTION, ITEMS = "lmd-f8c4", 32, (64, 16)  # bundled crops -> 4x4x
 SHARDS = ["--shard-size", "24", "--batch-size", "10"]
 
 
+# Credentials come from the environment, as on a cluster (a URI with credentials is refused): set before this
+# module starts Ray or a subprocess, so every process that opens the store has them.
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true",
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
 @pytest.fixture(scope="module")
 def s3():
     """An S3 endpoint on loopback with one bucket; yields `uri(key)` -> the s3:// URI of `key` in it."""
     moto_server = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
+    saved = {name: os.environ.get(name) for name in AWS_ENV}
+    os.environ.update(AWS_ENV)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    # Credentials in the URI's user part reach every process that opens it (Ray tasks included).
-    yield lambda key: f"s3://test:test@{BUCKET}/{key}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield lambda key: f"s3://{BUCKET}/{key}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
     server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(s3):  # after s3: Ray's workers inherit the credentials from this process's environment
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
@@ -70,7 +90,7 @@ def stores(s3, tmp_path_factory) -> dict[str, str]:
     proc = precompute("--out", s3("store"), "--encoders", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])["store"]
-    assert printed == f"s3://{BUCKET}/store"  # no credentials, no query string in what is shown
+    assert printed == f"s3://{BUCKET}/store"  # no query string in what is shown
     return {"local": str(local), "s3": s3("store")}
 
 
@@ -111,7 +131,7 @@ def _fit_losses(engine) -> list[float]:
     return [json.loads(line)["loss"] for line in engine.metrics_path.read_text().splitlines()]
 
 
-def test_a_corrupt_object_is_named_by_its_s3_key_without_credentials(stores, s3):
+def test_a_corrupt_object_is_named_by_its_s3_key(stores, s3):
     # A copy of the store under another prefix, with one shard's bytes changed (same size).
     source, copy = Location.of(stores["s3"]) / "train", Location.of(s3("corrupt")) / "train"
     for name in source.names():
@@ -123,7 +143,7 @@ def test_a_corrupt_object_is_named_by_its_s3_key_without_credentials(stores, s3)
         validate_store(copy)
     message = str(err.value)
     assert message.startswith(f"s3://{BUCKET}/corrupt/train/{shard_name(1)}: sha256: corrupt")
-    assert "test:test" not in message and "endpoint_override" not in message
+    assert "endpoint_override" not in message
 
 
 def test_an_interrupted_s3_build_resumes_encoding_only_the_missing_shard(stores, s3):
@@ -140,16 +160,42 @@ def test_an_interrupted_s3_build_resumes_encoding_only_the_missing_shard(stores,
                 "num_items": train["count"], "shard_size": train["shard_size"], "dtype": train["dtype"],
                 "classes": train.get("classes", [])}
     (broken / "train" / PLAN_FILE).write_json({"format": plan["format"], "identity": identity})
+    # Shard 0 is finished but holds zeros: a valid shard the build must keep, not re-encode.
+    write_shard(broken / "train", identity, 0, np.zeros((24, *train["latent_shape"]), np.float32), None,
+                train["latent_shape"])
     proc = precompute("--out", s3("broken"), "--encoders", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "store s3://lmd-test/broken/val is complete" in proc.stderr  # val untouched
     assert (broken / "train" / shard_name(1)).read_bytes() == (source / "train" / shard_name(1)).read_bytes()
-    assert validate_store(broken / "train")["shards"] == train["shards"]
+    manifest = validate_store(broken / "train")
+    assert manifest["shards"][1:] == train["shards"][1:]
+    assert not read_store(broken / "train", limit=24).any()  # shard 0 kept as it was
 
 
 def test_storage_that_refuses_ends_in_one_line_naming_the_store(s3):
-    proc = precompute("--out", s3("x").replace(BUCKET, "no-such-bucket"))
+    missing = s3("x").replace(BUCKET, "no-such-bucket")
+    proc = precompute("--out", missing)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("lmd: error: s3://no-such-bucket/x: cannot use the store")
-    assert "NO_SUCH_BUCKET" in lines[0] and "test:test" not in proc.stderr
+    assert "NO_SUCH_BUCKET" in lines[0]
+    train = subprocess.run([sys.executable, "-m", "lmd.cli", "train", "--latents", missing, "--steps", "1"],
+                           capture_output=True, text=True, timeout=120)
+    lines = train.stderr.strip().splitlines()
+    assert train.returncode != 0 and len(lines) == 1, train.stderr[-2000:]
+    assert lines[0].startswith("lmd: error: s3://no-such-bucket/x/train: missing")  # S3 reports no such key
+
+
+@pytest.mark.parametrize(("uri", "expect"), [
+    ("s3://AKIA:hunter2@bucket/store?region=us-east-1", "s3://bucket/store: credentials in the URI are refused"),
+    ("s3://bucket/st ore?endpoint_override=10.0.0.1:9000&secret=hunter2", "s3://bucket/st ore: not a storage URI"),
+])
+def test_a_uri_that_cannot_be_used_is_refused_without_showing_secrets(uri, expect):
+    with pytest.raises(ValueError) as err:
+        Location.of(uri)
+    assert str(err.value).startswith(expect) and "hunter2" not in str(err.value)
+    assert "10.0.0.1" not in str(err.value) and len(str(err.value).splitlines()) == 1
+    if "AKIA" in uri:  # refused at the config boundary too: a run would save the URI in its config.json
+        with pytest.raises(ValueError, match="data.latents") as err:
+            build_config(overrides={"data.latents": uri})
+        assert "hunter2" not in str(err.value)

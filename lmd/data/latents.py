@@ -104,7 +104,10 @@ def resolve_store(cfg: TrainConfig, progress: bool = True,
     d = cfg.data
     projector = load_projector(d.projector)
     if d.latents:
-        root = Location.of(d.latents)
+        try:
+            root = Location.of(d.latents)
+        except ValueError as err:  # a URI pyarrow cannot open: one line, as every store problem
+            raise StoreError(str(err)) from None
     else:
         root = default_store_dir(d.dataset, d.resolution, d.num_train, d.num_val, projector)
         if not (root / "train" / "manifest.json").is_file() or not (root / "val" / "manifest.json").is_file():
@@ -112,10 +115,14 @@ def resolve_store(cfg: TrainConfig, progress: bool = True,
             build_store(root, d.dataset, projector, d.resolution, d.num_train, d.num_val, progress=progress)
         root = Location.of(root)
     expect = expected_store(cfg, projector)
-    for split in SPLITS:
-        if not (root / split).is_dir():
-            raise StoreError(f"{root / split}: missing; a latent store has train/ and val/ (see `lmd precompute`)")
-        validate_store(root / split, **expect, verify_checksums=verify_checksums)
+    try:
+        for split in SPLITS:
+            if not (root / split).is_dir():
+                raise StoreError(f"{root / split}: missing; a latent store has train/ and val/ (see `lmd precompute`)")
+            validate_store(root / split, **expect, verify_checksums=verify_checksums)
+    except OSError as err:  # storage refused (bucket, credentials, network): one line naming the store
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise StoreError(f"{root}: cannot read the store there ({detail})") from None
     count = read_manifest(root / "train")["count"]
     if count < d.batch_size:
         raise StoreError(f"{root / 'train' / 'manifest.json'}: count={count} is smaller than "
@@ -193,7 +200,9 @@ def probe_set(root: Location, num_probe: int, train: torch.Tensor | None = None,
     if num < 10:
         log.warning("%s: only %d labelled training items: no linear probe (it needs >= 10)", root / "train", num)
         return None
-    train = train if train is not None else read_store(root / "train", validate=False, limit=num)
+    # A copy of the in-memory slice: a view would keep the whole host tensor alive once the engine has
+    # moved the training latents to the GPU.
+    train = train[:num].clone() if train is not None else read_store(root / "train", validate=False, limit=num)
     val = val if val is not None else read_store(root / "val", validate=False)
     return ProbeSet(train=train[:num], train_labels=read_labels(root / "train")[:num], val=val,
                     val_labels=read_labels(root / "val"), num_classes=len(classes))

@@ -6,17 +6,20 @@ stores in S3: every node, and every Ray Data read task, opens the same URI.
 
 Writes are atomic on both kinds:
 - a local file is written to a hidden temp file, fsynced and renamed into place (`lmd.io`);
-- an object is uploaded from bytes already complete in memory, and S3/GCS show an object only once
-  its upload completes, so a reader finds the whole object or none. (A connection lost mid-upload
-  fails the upload; a store shard is also checked by size, checksum and footer before use.)
+- an object is uploaded from bytes already complete in memory, in one write, and S3/GCS show an
+  object only once its upload completes. pyarrow has no abort: an upload that fails mid-write is
+  completed by the stream's close, so a torn object is possible in principle; a store's readers
+  check every shard's size, checksum and footer against the manifest (written last), which is
+  what catches one.
 
 What an object store does not give: a lock. Two builders of one store on S3 are not detected (a
 local store is `flock`ed, `lmd.locks`); start one build per store.
 
 URIs accept pyarrow's options as a query string, e.g. an S3-compatible server:
 `s3://bucket/stores/fmnist?endpoint_override=host:9000&scheme=http`. Credentials come from the
-environment (AWS_* variables, an instance role) or the URI's user part; messages show only
-`scheme://bucket/key`, never a query string or credentials.
+environment (AWS_* variables, an instance role); a URI with a user part is refused, because URIs
+are saved with a run (config.json, checkpoints). Messages show `scheme://bucket/key`, never the
+query string.
 """
 
 from __future__ import annotations
@@ -60,13 +63,21 @@ class Location:
         if not is_uri(where):
             text = str(where)
             return cls(Path(text.removeprefix("file://")).expanduser())
-        scheme = str(where).split("://", 1)[0].lower()
+        uri = str(where)
+        scheme, rest = uri.split("://", 1)
+        authority, _, key = rest.split("?", 1)[0].partition("/")
+        shown = f"{scheme}://{authority.rpartition('@')[2]}/{key}"  # no credentials, no query
+        if "@" in authority:
+            # A URI is written to config.json, checkpoints and Ray's run records: a secret in it would be too.
+            raise ValueError(f"{shown}: credentials in the URI are refused (they would be saved with the run); set "
+                             "them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or use an "
+                             "instance role")
         try:
-            fs, path = pafs.FileSystem.from_uri(str(where))
+            fs, path = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowException, ValueError, OSError) as err:
-            shown = str(where).split("?", 1)[0]
-            raise ValueError(f"{shown}: not a storage URI pyarrow can open ({err})") from None
-        return cls(None, fs, path, scheme)
+            detail = (str(err).splitlines() or [type(err).__name__])[0].replace(uri, shown)
+            raise ValueError(f"{shown}: not a storage URI pyarrow can open ({detail})") from None
+        return cls(None, fs, path, scheme.lower())
 
     # ------------------------------------------------------------------ naming
     @property
@@ -203,7 +214,7 @@ class Location:
             with atomic_path(self._local) as tmp:
                 pq.write_table(table, tmp, **options)
             return
-        buffer = pa.BufferOutputStream()  # the whole file first: a failed write never starts an upload
+        buffer = pa.BufferOutputStream()  # the whole file first: a failing Parquet writer never starts an upload
         pq.write_table(table, buffer, **options)
         self.write_bytes(buffer.getvalue().to_pybytes())
 
