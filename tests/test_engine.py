@@ -355,7 +355,7 @@ def test_a_compiled_schedule_builds_one_graph_per_visible_count_and_trains_like_
 @pytest.mark.parametrize(("mode", "graphs"), [("default", False), ("reduce-overhead", True), ("max-autotune", True)])
 def test_cuda_graph_modes_are_known_and_mark_each_step(tmp_path, monkeypatch, mode, graphs):
     from lmd.config import COMPILE_MODES
-    from lmd.engine import uses_cuda_graphs
+    from lmd.speed import uses_cuda_graphs
 
     assert mode in COMPILE_MODES
     assert uses_cuda_graphs(mode, torch.device("cuda")) is graphs and not uses_cuda_graphs(mode, torch.device("cpu"))
@@ -374,7 +374,7 @@ def test_cuda_graph_modes_are_known_and_mark_each_step(tmp_path, monkeypatch, mo
 
 
 def test_in_memory_latents_move_to_a_gpu_only_when_they_fit_a_quarter_of_its_free_memory(monkeypatch):
-    from lmd.engine import place_on_device
+    from lmd.speed import place_on_device
 
     class Source:
         latents = torch.zeros(1024, 256)  # 1 MiB of float32
