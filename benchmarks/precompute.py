@@ -23,7 +23,7 @@ import torch
 
 from lmd.data import precompute
 from lmd.data.images import image_source
-from lmd.data.store import _write_shard, chunks, encode_chunk, precompute_store
+from lmd.data.store_writer import _write_shard, chunks, encode_chunk, precompute_store
 from lmd.entry import init_ray
 from lmd.projector import load_projector
 

@@ -19,6 +19,7 @@ RULES = [
     ("lmd.engine", {"ray"}),
     ("lmd.runtime", {"ray"}),
     ("lmd.data.store", {"ray"}),
+    ("lmd.data.store_writer", {"ray"}),
     ("lmd.data.latents", {"ray"}),
     ("lmd.probe", {"ray"}),
 ]

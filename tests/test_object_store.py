@@ -27,8 +27,8 @@ from lmd.data.store import (
     read_store,
     shard_name,
     validate_store,
-    write_shard,
 )
+from lmd.data.store_writer import write_shard
 from lmd.projector import load_projector
 
 BUCKET = "lmd-test"

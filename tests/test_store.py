@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from lmd import code_version
-from lmd.data.store import StoreError, precompute_store, read_store, validate_store
+from lmd.data.store import StoreError, read_store, validate_store
+from lmd.data.store_writer import precompute_store
 
 N, SHARD, BATCH = 40, 16, 8  # shards of 16, 16 and 8 items
 IMAGES = torch.rand(N, 3, 32, 32, generator=torch.Generator().manual_seed(0))

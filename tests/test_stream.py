@@ -21,7 +21,8 @@ from lmd.checkpoint import load_checkpoint
 from lmd.config import ClusterConfig, ConfigError
 from lmd.data.lanes import StreamPlan
 from lmd.data.memory import synthetic_latents
-from lmd.data.store import StoreError, precompute_store, read_store
+from lmd.data.store import StoreError, read_store
+from lmd.data.store_writer import precompute_store
 from lmd.distributed import fit_distributed
 from lmd.projector import load_projector
 from lmd.runtime import local_engine

@@ -24,13 +24,13 @@ from lmd.data.location import Location
 from lmd.data.memory import InMemoryLatents, synthetic_latents
 from lmd.data.store import (
     StoreError,
-    precompute_store,
     read_labels,
     read_manifest,
     read_store,
     store_classes,
     validate_store,
 )
+from lmd.data.store_writer import precompute_store
 from lmd.locks import LOCK_FILE, LockedError, hold
 from lmd.probe import ProbeSet
 from lmd.projector import Projector, load_projector

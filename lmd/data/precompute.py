@@ -1,6 +1,6 @@
 """`lmd precompute` as a Ray Data pipeline: parallel image reads, a pool of encoder actors, atomic shards.
 
-The same build as the one-process `lmd.data.store.precompute_store`, through the same steps of
+The same build as the one-process `lmd.data.store_writer.precompute_store`, through the same steps of
 store.py (`store_identity`, `open_store`, `pending_shards`, `write_shard`, `finish_store`), so the
 plan, the refusal of another store, the shard checks and the manifest have one definition, and the
 same inputs give the same shard bytes and manifest (but `created_unix`)::
@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from lmd.data.images import ImageSource, ImageSourceError, image_source
 from lmd.data.location import Location, Where
-from lmd.data.store import (
-    StoreError,
+from lmd.data.store import StoreError
+from lmd.data.store_writer import (
     chunks,
     encode_chunk,
     finish_store,
