@@ -163,13 +163,15 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | None = None,
-                    tags: dict[str, Any] | None = None, replay_history: bool = False) -> Any:
+                    tags: dict[str, Any] | None = None, replay_history: bool = False,
+                    verify_checksums: bool = True) -> Any:
     """Train with Ray Train; returns the `ray.train.Result`. Rerunning with the same name resumes.
 
     `callbacks` (e.g. Tune's TuneReportCallback), `tags` (extra columns on every reported row) and
     `replay_history` serve the Tune driver-function pattern: a Tune trial that fits a multi-worker
     TorchTrainer. A Tune trial restarted after a driver crash starts with an empty history, so a
     resumed run first re-reports the rows up to its checkpoint (each row is kept once by step).
+    `verify_checksums=False` (a Tune trial, whose experiment driver hashed the store) skips hashing it here.
     """
     import ray
     import ray.train
@@ -180,7 +182,8 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
         from lmd.data.latents import resolve_loader, resolve_store
         from lmd.data.store import read_manifest
 
-        root, _ = resolve_store(cfg)  # built once and hashed against the run before any worker starts
+        # Built once and checked against the run (hashed, unless the caller did) before any worker starts.
+        root, _ = resolve_store(cfg, verify_checksums=verify_checksums)
         loader = resolve_loader(cfg.data.loader, read_manifest(root / "train"), cfg.data.memory_limit_mb)
         if loader == "ray":
             _check_room_for_reads(cfg, cluster)

@@ -42,15 +42,19 @@ def setup_runtime(cfg: TrainConfig, device: torch.device | None = None, threads:
 
 
 def local_engine(cfg: TrainConfig, run_dir: str | Path, reporter: Reporter | None = None,
-                 threads: int | None = None) -> Engine:
+                 threads: int | None = None, verify_checksums: bool = True) -> Engine:
     """The engine of a single-process run: data from the run's store (or synthetic), on the run's device.
+
+    The store is validated against the run; `verify_checksums=False` skips hashing its shards, for
+    callers whose driver hashed them once already (Tune trials: a store on S3 would otherwise be
+    downloaded once per trial just to hash it).
 
     A streamed store (`data.loader=ray`) starts or joins Ray here, at the entry point, not in the engine.
     The run directory is locked (`<run_dir>/.lock`) for as long as the engine lives: a second process
     training into it is refused with RunDirError naming the first one's pid.
     """
     device = setup_runtime(cfg, threads=threads)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, verify_checksums=verify_checksums)
     try:  # after the data, so a bad store or dataset leaves the run directory untouched
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, no permission: the engine's own wording

@@ -110,3 +110,27 @@ def test_pixel_space_trains_through_the_same_path_with_matching_token_count(tmp_
     assert (model["latent_size"] // model["patch_size"]) ** 2 == 16  # same 16 tokens as the latent tiny preset
     stores = list((Path(os.environ["LMD_CACHE"]) / "stores").glob("bundled-r128-n32-v8-identity-*"))
     assert json.loads((stores[0] / "train" / "manifest.json").read_text())["latent_shape"] == [3, 128, 128]
+
+
+def test_a_trial_skips_hashing_the_store_its_driver_hashed(store, tmp_path):
+    # A Tune trial's engine is built with verify_checksums=False (its experiment's driver hashed the store), so a
+    # trial does not download a remote store once more just to hash it. Proof it skips only the hash: a shard with
+    # one flipped byte (same size, footer intact) is refused by a plain run and accepted there.
+    import shutil
+
+    from lmd.config import build_config
+    from lmd.data.store import StoreError
+    from lmd.runtime import local_engine
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    shard = copy / "train" / "shard-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cfg = build_config(overrides={"model.preset": "tiny", "data.resolution": 64, "data.latents": str(copy),
+                                  "data.batch_size": 8, "run.steps": 2, "run.device": "cpu"})
+    with pytest.raises(StoreError, match="shard-00000.parquet: sha256: corrupt"):
+        local_engine(cfg, tmp_path / "plain")
+    engine = local_engine(cfg, tmp_path / "trial", verify_checksums=False)
+    assert engine.data.latents.shape[0] == 40
