@@ -1,9 +1,10 @@
 """`--compile` wherever a model trains: inside a Tune trial and under Ray Train (real inductor on CPU).
 
-The engine-level checks (the compiled form wraps the DDP wrapper; compiled training matches eager) are
-in test_engine.py with a codegen-free backend; here the real compiler runs where users run it, with a
-constant mask ratio so each run compiles one shape. Every metrics row of a compiled run carries
-`compiled_graphs`, the graphs torch.compile built in that process: > 0 proves the step ran compiled.
+The engine-level checks (the compiled form wraps the DDP wrapper; one graph per visible count;
+compiled training matches eager) are in test_engine.py with a codegen-free backend; here the real
+compiler runs where users run it, with a constant mask ratio so each run compiles one shape. Every
+metrics row of a compiled run carries `compiled_graphs`, the graphs torch.compile built since the
+run started: > 0 proves the step ran compiled in that process.
 """
 
 from __future__ import annotations
@@ -16,25 +17,25 @@ import ray
 
 from lmd.config import ClusterConfig
 from lmd.distributed import fit_distributed
+from lmd.experiments.trial import Placement, TrialSpec, run_trial
 from lmd.runtime import local_engine
 
-from .conftest import SMALL_DATA, run_tune_script, tiny_config
+from .conftest import tiny_config
+from .test_experiments import tune_script
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
-def test_a_tune_trial_trains_its_model_compiled(tmp_path):
-    # Runs first, before this module starts a Ray of its own: the script starts its own local Ray.
-    proc = run_tune_script("ablation.py", "--variants", "no_scheduler", "--seeds", "1", "--budget-by", "steps",
-                           "--budget", "20", "--evals", "2", *SMALL_DATA, "--compile", "--storage", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    experiment = tmp_path / "ablation"
-    args = json.loads((experiment / "args.json").read_text())
-    assert args["compile"] is True and args["compile_mode"] == "default"
-    (result,) = list(experiment.glob("*/result.json"))  # one trial
-    rows = [json.loads(line) for line in result.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [10, 20]
-    assert all(r["compiled_graphs"] >= 1 for r in rows)
+@pytest.mark.parametrize("script", ["ablation", "search"])
+def test_the_experiment_scripts_pass_compile_to_every_trial(script):
+    module = tune_script(script)
+    args = module.parse_args(["--compile", "--compile-mode", "reduce-overhead"])
+    _, spec = module.experiment(args)
+    base = spec.base if script == "ablation" else spec
+    assert (base.compile, base.compile_mode) == (True, "reduce-overhead")
+    overrides = base.overrides("cpu")
+    assert (overrides["run.compile"], overrides["run.compile_mode"]) == (True, "reduce-overhead")
+    assert base.overrides("cpu") != type(base).from_flags(module.parse_args([])).overrides("cpu")  # off by default
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,22 @@ def local_ray():
     ray.shutdown()
 
 
+def test_a_tune_trial_trains_its_model_compiled(local_ray, tmp_path):
+    from ray import tune
+
+    cfg = tiny_config(**{"run.steps": 10, "run.log_every": 5, "mask.scheduler": "constant", "run.compile": True})
+    trial = TrialSpec("no_scheduler", cfg, Placement())
+    results = tune.Tuner(run_trial, param_space={"trial": trial.to_dict()},
+                         run_config=tune.RunConfig(storage_path=str(tmp_path), name="compiled")).fit()
+    (result,) = results
+    assert result.error is None, result.error
+    rows = result.metrics_dataframe
+    assert rows["step"].tolist() == [5, 10]
+    assert (rows["compiled_graphs"] == 1).all()  # one ratio, one graph, built in the trial's process
+
+
 def test_two_ray_train_workers_train_the_compiled_ddp_model_like_the_engine(local_ray, tmp_path):
-    overrides = {"run.steps": 4, "run.log_every": 2, "mask.scheduler": "constant"}
+    overrides = {"run.steps": 2, "run.log_every": 2, "mask.scheduler": "constant"}
     result = fit_distributed(tiny_config(**overrides, **{"run.compile": True}),
                              ClusterConfig(workers=2, storage=str(tmp_path / "ray"), name="compiled"))
     assert result.error is None, result.error

@@ -428,6 +428,9 @@ def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tm
     assert table["val_psnr"].to_numpy() == pytest.approx(single["val_psnr"].to_numpy(), abs=0.05)
 
 
+# Extended tier: both resume races it can hit (a trial Tune never saved; a trial Tune saved but its searcher did not)
+# are tested deterministically above, without a driver kill.
+@pytest.mark.extended
 def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
     args = [sys.executable, str(REPO / "tune" / "search.py"), "--samples", "3", "--budget", "40", "--eval-every",
             "10", "--num-train", "128", "--num-val", "16", "--num-probe", "64", "--batch-size", "16",
