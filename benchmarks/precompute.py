@@ -8,6 +8,10 @@ and with --profile where the one-process time goes (image reads, encodes, shard 
     python benchmarks/precompute.py                      # bundled crops, 128 px, 192 + 64 items, CPU, 2 runs each
     python benchmarks/precompute.py --profile            # and the one-process time split
     python benchmarks/precompute.py --device cuda --items 8192 --num-val 1024 --batch-size 256
+    python benchmarks/precompute.py --one-process --device cuda --items 4096 --profile   # no Ray (a lent GPU)
+
+`--one-process` times only the one-process path (with --profile, its split), without Ray: on one
+GPU it is the encoder's own rate, which bounds what the pipeline's single GPU encoder can deliver.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from lmd.data import precompute
 from lmd.data.images import image_source
+from lmd.data.location import Location
 from lmd.data.store_writer import _write_shard, chunks, encode_chunk, precompute_store
 from lmd.entry import init_ray
 from lmd.projector import load_projector
@@ -67,7 +72,7 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
                 t2 = time.perf_counter()
                 spent["read"], spent["encode"] = spent["read"] + t1 - t0, spent["encode"] + t2 - t1
             t0 = time.perf_counter()
-            _write_shard(Path(tmp), k, start, np.concatenate(parts), "float16")
+            _write_shard(Location.of(tmp), k, start, np.concatenate(parts), "float16")
             spent["write"] += time.perf_counter() - t0
     return spent
 
@@ -80,6 +85,28 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 def _device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def single_one_process(args: argparse.Namespace) -> None:
+    """The one-process path alone, best of `--repeats` (its first run also loads the projector's kernels)."""
+    total = args.items + args.num_val
+    seconds = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds.append(one_process(Path(tmp) / "single", args))
+    device = _device(args.device)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} torch threads"
+    print(f"# {args.dataset} {args.resolution} px, {total} items, {args.projector}, batch {args.batch_size}, {name}")
+    print(f"one process       {total / min(seconds):9.1f} images/s  (best of {args.repeats}: {min(seconds):.1f} s)")
+    if args.profile:
+        _print_profile(args)
+
+
+def _print_profile(args: argparse.Namespace) -> None:
+    spent = profile(args)
+    busy = sum(spent.values())
+    print("one-process time split (train split): " + ", ".join(
+        f"{k} {v:.1f} s ({100 * v / busy:.0f}%, {args.items / v:.0f} images/s)" for k, v in spent.items()))
 
 
 def main() -> None:
@@ -96,8 +123,12 @@ def main() -> None:
     parser.add_argument("--address", help="Ray cluster (default: a local Ray on this machine)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each path, in ABBA order (mean reported)")
     parser.add_argument("--profile", action="store_true", help="also time the one-process path's steps")
+    parser.add_argument("--one-process", action="store_true", help="only the one-process path (no Ray needed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.one_process:
+        single_one_process(args)
+        return
 
     init_ray(args.address, log_to_driver=False)
     import ray
@@ -134,10 +165,7 @@ def main() -> None:
           f"{steady / single:.2f}x the one process")
     print(f"same shard bytes  {'yes' if identical else 'NO'}")
     if args.profile:
-        spent = profile(args)
-        busy = sum(spent.values())
-        print("one-process time split (train split): " + ", ".join(
-            f"{k} {v:.1f} s ({100 * v / busy:.0f}%, {args.items / v:.0f} images/s)" for k, v in spent.items()))
+        _print_profile(args)
 
 
 if __name__ == "__main__":
