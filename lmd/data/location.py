@@ -62,7 +62,9 @@ class Location:
             return where
         if not is_uri(where):
             text = str(where)
-            return cls(Path(text.removeprefix("file://")).expanduser())
+            if text.startswith("file://"):  # file:///abs and file://localhost/abs name the same absolute path
+                text = "/" + text.removeprefix("file://").removeprefix("localhost/").lstrip("/")
+            return cls(Path(text).expanduser())
         uri = str(where)
         scheme, rest = uri.split("://", 1)
         authority, _, key = rest.split("?", 1)[0].partition("/")
@@ -102,7 +104,9 @@ class Location:
         return f"Location({str(self)!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and str(self) == str(other)
+        # Same name and, for object stores, the same filesystem (endpoint, region): s3://b/k on two endpoints differ.
+        return (isinstance(other, Location) and str(self) == str(other)
+                and (self._fs is None) == (other._fs is None) and (self._fs is None or self._fs.equals(other._fs)))
 
     def __hash__(self) -> int:
         return hash(str(self))
