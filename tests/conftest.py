@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,3 +114,21 @@ def search_run(tmp_path_factory):
     proc = run_tune_script("search.py", "--samples", "4", "--include-constant", *SMALL_SEARCH,
                            "--storage", str(storage))
     return proc, storage / "search"
+
+
+@contextmanager
+def local_ray(num_cpus: int) -> Iterator[Any]:
+    """A local Ray for one test module's fixture: started here unless one is running, shut down only if started here.
+
+    `num_cpus` is logical: 4 on a 2-core machine leaves room for Ray Data's read tasks beside 2 training workers.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()

@@ -13,14 +13,13 @@ import json
 import os
 
 import pytest
-import ray
 
 from lmd.config import ClusterConfig
 from lmd.distributed import fit_distributed
 from lmd.experiments.trial import Placement, TrialSpec, run_trial
 from lmd.runtime import local_engine
 
-from .conftest import tiny_config
+from .conftest import local_ray, tiny_config
 from .test_experiments import tune_script
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -39,13 +38,12 @@ def test_the_experiment_scripts_pass_compile_to_every_trial(script):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+def ray_session():
+    with local_ray(num_cpus=4) as ray:
+        yield ray
 
 
-def test_a_tune_trial_trains_its_model_compiled(local_ray, tmp_path):
+def test_a_tune_trial_trains_its_model_compiled(ray_session, tmp_path):
     from ray import tune
 
     cfg = tiny_config(**{"run.steps": 10, "run.log_every": 5, "mask.scheduler": "constant", "run.compile": True})
@@ -59,7 +57,7 @@ def test_a_tune_trial_trains_its_model_compiled(local_ray, tmp_path):
     assert (rows["compiled_graphs"] == 1).all()  # one ratio, one graph, built in the trial's process
 
 
-def test_two_ray_train_workers_train_the_compiled_ddp_model_like_the_engine(local_ray, tmp_path):
+def test_two_ray_train_workers_train_the_compiled_ddp_model_like_the_engine(ray_session, tmp_path):
     overrides = {"run.steps": 2, "run.log_every": 2, "mask.scheduler": "constant"}
     result = fit_distributed(tiny_config(**overrides, **{"run.compile": True}),
                              ClusterConfig(workers=2, storage=str(tmp_path / "ray"), name="compiled"))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from lmd.checkpoint import latest_checkpoint, load_checkpoint
@@ -21,18 +20,16 @@ from lmd.config import ClusterConfig
 from lmd.distributed import fit_distributed
 from lmd.runtime import local_engine
 
-from .conftest import ray_train_workers, tiny_config
+from .conftest import local_ray, ray_train_workers, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ~2 s less per report gap (ENV.md)
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    # 4 logical CPUs on a 2-core machine: 2 training workers plus room for Ray Data's read tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+def ray_session():
+    with local_ray(num_cpus=4) as ray:
+        yield ray
 
 
 def _final_model(result) -> dict[str, torch.Tensor]:
@@ -47,7 +44,7 @@ def _engine_model(cfg, run_dir) -> dict[str, torch.Tensor]:
     return engine.model.state_dict()
 
 
-def test_one_worker_is_bit_identical_to_the_single_process_engine(local_ray, tmp_path):
+def test_one_worker_is_bit_identical_to_the_single_process_engine(ray_session, tmp_path):
     cfg = tiny_config(**{"run.steps": 20})
     result = fit_distributed(cfg, ClusterConfig(workers=1, storage=str(tmp_path / "ray"), name="eq1"))
     assert result.metrics["step"] == 20 and result.metrics["workers"] == 1
@@ -67,7 +64,7 @@ def test_one_worker_is_bit_identical_to_the_single_process_engine(local_ray, tmp
     assert rerun.metrics["step"] == 20 and all(torch.equal(recovered[k], reference[k]) for k in reference)
 
 
-def test_two_workers_compute_the_single_process_update_up_to_rounding(local_ray, tmp_path):
+def test_two_workers_compute_the_single_process_update_up_to_rounding(ray_session, tmp_path):
     cfg = tiny_config(**{"run.steps": 20})
     result = fit_distributed(cfg, ClusterConfig(workers=2, storage=str(tmp_path / "ray"), name="eq2"))
     engine = local_engine(cfg, tmp_path / "local")
@@ -81,7 +78,7 @@ def test_two_workers_compute_the_single_process_update_up_to_rounding(local_ray,
     assert all(torch.allclose(distributed[k], reference[k], rtol=0, atol=2e-3) for k in reference)
 
 
-def test_killing_a_worker_mid_run_recovers_from_the_last_checkpoint(local_ray, tmp_path):
+def test_killing_a_worker_mid_run_recovers_from_the_last_checkpoint(ray_session, tmp_path):
     cfg = tiny_config(**{"run.steps": 160, "run.ckpt_every": 20, "run.log_every": 10, "run.eval_every": 80})
     storage, killed = tmp_path / "ray", []
 

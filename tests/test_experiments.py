@@ -211,59 +211,58 @@ def _define_by_run(trial: optuna.Trial) -> None:
     trial.suggest_float("lr", 1e-4, 1e-3, log=True)
 
 
-def test_a_resumed_search_gives_the_optuna_trial_its_killed_driver_asked_to_the_next_tune_trial(tmp_path):
+def _study(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    """The trials of the study in tmp_path's journal, as a fresh reader sees them."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    return optuna.load_study(study_name="search", storage=storage).get_trials(deepcopy=False)
+
+
+def _resumable_searcher(tmp_path: Path):
+    """A ResumableOptunaSearch over tmp_path's journal, as tune/search.py builds one (a fresh one per driver)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     from lmd.experiments.search import ResumableOptunaSearch
 
-    def searcher() -> ResumableOptunaSearch:
-        journal = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-        return ResumableOptunaSearch(_define_by_run, metric="val_psnr", mode="max", study_name="search",
-                                     storage=journal, sampler=optuna.samplers.TPESampler(seed=0))
+    journal = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    return ResumableOptunaSearch(_define_by_run, metric="val_psnr", mode="max", study_name="search",
+                                 storage=journal, sampler=optuna.samplers.TPESampler(seed=0))
 
-    first = searcher()
+
+def test_a_resumed_search_gives_the_optuna_trial_its_killed_driver_asked_to_the_next_tune_trial(tmp_path):
+    first = _resumable_searcher(tmp_path)
     first.suggest("t0"), first.suggest("t1")
     first.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
     asked = first.suggest("t2")  # asked, then the driver is killed before Tune saves again
-    resumed = searcher()
+    resumed = _resumable_searcher(tmp_path)
     resumed.restore(str(tmp_path / "searcher.pkl"))
     assert resumed.suggest("t3") == asked  # the orphan, its values replayed
     resumed.suggest("t4")
     for tune_trial in ("t0", "t1", "t3", "t4"):  # every Tune trial of the resumed search ends
         resumed.on_trial_complete(tune_trial, {"val_psnr": 10.0, "training_iteration": 1})
-    trials = optuna.load_study(study_name="search", storage=JournalStorage(
-        JournalFileBackend(str(tmp_path / "optuna.journal")))).get_trials(deepcopy=False)
+    trials = _study(tmp_path)
     # t0, t1, t2 = t3, t4: one Optuna trial per Tune trial, none left RUNNING without one.
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
 
 
 def test_a_trial_tune_saved_but_its_searcher_did_not_gets_its_optuna_trial_back(tmp_path):
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    from lmd.experiments.search import ResumableOptunaSearch
-
-    def searcher() -> ResumableOptunaSearch:
-        journal = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-        return ResumableOptunaSearch(_define_by_run, metric="val_psnr", mode="max", study_name="search",
-                                     storage=journal, sampler=optuna.samplers.TPESampler(seed=0))
-
-    first = searcher()
+    first = _resumable_searcher(tmp_path)
     first.suggest("aaa0")
     first.save(str(tmp_path / "searcher.pkl"))
     first.suggest("bbb1")  # Tune writes its trials (bbb1 among them), then is killed before saving the searcher:
     (tmp_path / "experiment_state-2026.json").write_text(json.dumps({"trial_data": [
         json.dumps({"trial_id": "aaa0"}), json.dumps({"trial_id": "bbb1"})]}))
     first.suggest("ccc2")  # ...and this one Tune never saved at all
-    resumed = searcher()
+    resumed = _resumable_searcher(tmp_path)
     resumed.restore(str(tmp_path / "searcher.pkl"))
     resumed.on_trial_result("bbb1", {"val_psnr": 9.0, "training_iteration": 1})  # plain OptunaSearch: KeyError
     asked = resumed.suggest("ddd3")
     for tune_trial, value in (("aaa0", 10.0), ("bbb1", 11.0), ("ddd3", 12.0)):
         resumed.on_trial_complete(tune_trial, {"val_psnr": value, "training_iteration": 1})
-    trials = optuna.load_study(study_name="search", storage=JournalStorage(
-        JournalFileBackend(str(tmp_path / "optuna.journal")))).get_trials(deepcopy=False)
+    trials = _study(tmp_path)
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3  # ccc2's trial went to ddd3
     assert [t.value for t in trials] == [10.0, 11.0, 12.0]
     assert [t.user_attrs["tune_trial_id"] for t in trials] == ["aaa0", "bbb1", "ddd3"]

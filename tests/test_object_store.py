@@ -32,6 +32,8 @@ from lmd.data.store import (
 from lmd.data.store_writer import write_shard
 from lmd.projector import load_projector
 
+from .conftest import local_ray
+
 BUCKET = "lmd-test"
 PROJECTOR, RESOLUTION, ITEMS = "lmd-f8c4", 32, (64, 16)  # bundled crops -> 4x4x4 latents
 SHARDS = ["--shard-size", "24", "--batch-size", "10"]
@@ -66,13 +68,8 @@ def s3():
 
 @pytest.fixture(scope="module")
 def ray_session(s3):  # after s3: Ray's workers inherit the credentials from this process's environment
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with local_ray(num_cpus=2) as ray:
+        yield ray
 
 
 def precompute(*args: str) -> subprocess.CompletedProcess:

@@ -15,18 +15,15 @@ from lmd.data.latents import build_store as build_store_single
 from lmd.data.store import MANIFEST_FILE, PLAN_FILE, StoreError, shard_name, validate_store
 from lmd.projector import IdentityProjector, load_projector
 
+from .conftest import local_ray
+
 SHARDS = {"shard_size": 24, "batch_size": 10}  # 10-item chunks from each shard's start: 10, 10, 4
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with local_ray(num_cpus=2) as ray:
+        yield ray
 
 
 def pool(ray) -> precompute.EncoderPool:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from lmd.checkpoint import load_checkpoint
@@ -27,7 +26,7 @@ from lmd.distributed import fit_distributed
 from lmd.projector import load_projector
 from lmd.runtime import local_engine
 
-from .conftest import ray_train_workers, tiny_config
+from .conftest import local_ray, ray_train_workers, tiny_config
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
@@ -84,11 +83,9 @@ def pixel_config(store: Path, **overrides):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    # 4 logical CPUs on a 2-core machine: 2 training workers plus room for the stream's read tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
+def ray_session():
+    with local_ray(num_cpus=4) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +94,7 @@ def pixel_store(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- the stream
-def test_stream_serves_the_plan_across_epochs_from_one_pipeline(local_ray, pixel_store, monkeypatch):
+def test_stream_serves_the_plan_across_epochs_from_one_pipeline(ray_session, pixel_store, monkeypatch):
     from lmd.data.stream import RayLatentStream
 
     train = pixel_store / "train"
@@ -127,7 +124,7 @@ def test_stream_serves_the_plan_across_epochs_from_one_pipeline(local_ray, pixel
         s.close()
 
 
-def test_a_shard_replaced_mid_stream_stops_it_with_one_line_naming_the_file(local_ray, pixel_store, tmp_path):
+def test_a_shard_replaced_mid_stream_stops_it_with_one_line_naming_the_file(ray_session, pixel_store, tmp_path):
     import shutil
 
     from lmd.data.stream import RayLatentStream
@@ -148,7 +145,7 @@ def test_a_shard_replaced_mid_stream_stops_it_with_one_line_naming_the_file(loca
 
 
 # ---------------------------------------------------------------------------------------------- training
-def test_a_streamed_run_resumes_at_the_same_data_position(local_ray, pixel_store, tmp_path):
+def test_a_streamed_run_resumes_at_the_same_data_position(ray_session, pixel_store, tmp_path):
     cfg = pixel_config(pixel_store, **{"run.steps": 30, "run.ckpt_every": 10})
     straight = local_engine(cfg, tmp_path / "straight")
     straight.fit()
@@ -160,7 +157,7 @@ def test_a_streamed_run_resumes_at_the_same_data_position(local_ray, pixel_store
                                                  resumed.model.state_dict().values(), strict=True))
 
 
-def test_two_workers_streaming_their_lanes_compute_the_single_process_update(local_ray, pixel_store, tmp_path):
+def test_two_workers_streaming_their_lanes_compute_the_single_process_update(ray_session, pixel_store, tmp_path):
     cfg = pixel_config(pixel_store, **{"run.steps": 16})
     result = fit_distributed(cfg, ClusterConfig(workers=2, storage=str(tmp_path / "ray"), name="stream2"))
     assert result.error is None, result.error
@@ -174,7 +171,7 @@ def test_two_workers_streaming_their_lanes_compute_the_single_process_update(loc
     assert all(torch.allclose(state["model"][k], reference[k], rtol=0, atol=2e-3) for k in reference)
 
 
-def test_streaming_refuses_lanes_the_workers_cannot_share(local_ray, pixel_store, tmp_path):
+def test_streaming_refuses_lanes_the_workers_cannot_share(ray_session, pixel_store, tmp_path):
     cfg = pixel_config(pixel_store, **{"data.stream_lanes": 2, "data.batch_size": 12})
     with pytest.raises(ConfigError, match="stream_lanes=2: must divide data.batch_size=12 and be divisible by "
                                           "--workers=4"):
@@ -221,7 +218,7 @@ def _peak_worker_memory(cfg, storage: Path, name: str) -> list[float]:
     return sorted(peaks.values())
 
 
-def test_workers_memory_does_not_grow_with_the_store(local_ray, tmp_path):
+def test_workers_memory_does_not_grow_with_the_store(ray_session, tmp_path):
     # The same 8 steps of 1024 items streamed by 2 workers from a 4,096-item store and from a 16x larger one
     # (65,536 items: 96 MiB of float16 on disk, 192 MiB decoded, which the in-memory loader would hold in every
     # worker). Streaming, a worker holds a few shuffle windows whatever the store's size.
