@@ -5,19 +5,29 @@
 #   2. the real loop next to its bare step, with the host profile (issue 14, points 1-2);
 #   3. with ABLATION=1 only: the ablation's exact trials through the engine at the probe-separating budget.
 #   4. the projector's encode rate at 128 px, one process (issue 12's GPU figure; the pipeline needs Ray).
-# Each part has its own time limit; their sum (2 x 130 + 100 + 120 + 60 s = 9 min; +5 min with ABLATION=1)
+#   5. tests/test_gpu.py: pinned host batches, CUDA graphs in the real loop, resume on CUDA (skipped on CPU).
+# Each part has its own time limit; their sum (2 x 125 + 90 + 100 + 45 + 75 s = 560 s; +5 min with ABLATION=1)
 # bounds the whole, under the device tool's 10 minutes a command.
 #
-#   LMD_FASHION_MNIST=shared/fashion-mnist bash benchmarks/gpu_session.sh         # on the GPU machine
-#   SMOKE=1 bash benchmarks/gpu_session.sh                                         # a CPU rehearsal, ~2 min
+#   bash benchmarks/gpu_prepare.sh                                    # here first: foolbox's wheel, Fashion-MNIST
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".device"], timeout_s=600)   # the device tool's call
+#   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh    # a CPU rehearsal, ~2 min
+# The GPU machine has torch but no Ray, Optuna or Plotly: every part runs the engine alone
+# (tests/test_device_rehearsal.py runs these scripts with those imports blocked).
 #
 # Writes its outputs under $OUT (default runs/gpu-session): device.txt, step-b<batch>.json, step.txt, loop.txt,
-# precompute.txt; with ABLATION=1 ablation.txt, ablation/results.parquet.
+# precompute.txt, gpu-tests.txt; with ABLATION=1 ablation.txt, ablation/results.parquet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/gpu-session}
 mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the GPU machine runs the tree as is: lmd is not pip-installed there
+if compgen -G ".device/whl/*.whl" >/dev/null; then  # carried by gpu_prepare.sh: foolbox holds the bundled photos
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/lmd-site .device/whl/*.whl
+  export PYTHONPATH=/tmp/lmd-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [[ -d .device/fashion-mnist && -z "${LMD_FASHION_MNIST:-}" ]]; then export LMD_FASHION_MNIST=$PWD/.device/fashion-mnist; fi
 
 if [[ "${SMOKE:-0}" == "1" ]]; then  # same commands, CPU-sized (no compile: inductor takes minutes on CPU)
   # The official step is rebuilt at the tiny preset's dims here (fp32 on CPU): a rehearsal of the command, not a figure.
@@ -36,16 +46,19 @@ fi
 
 for batch in $BATCHES; do
   # The official rows (ViT-B, fp16 eager, 40 steps) add seconds, not minutes: most of this limit is compilation.
-  timeout 130 $PY benchmarks/step_speed.py --presets $PRESETS --batch-size "$batch" --steps 30 --warmup 10 \
+  timeout 125 $PY benchmarks/step_speed.py --presets $PRESETS --batch-size "$batch" --steps 30 --warmup 10 \
     $COMPILE $OFFICIAL --device "$DEVICE" --json "$OUT/step-b$batch.json" | tee -a "$OUT/step.txt" || echo "step_speed b$batch: exit $?" | tee -a "$OUT/step.txt"
 done
-timeout 100 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" | tee "$OUT/loop.txt" || echo "loop_speed: exit $?" | tee -a "$OUT/loop.txt"
+timeout 90 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" | tee "$OUT/loop.txt" || echo "loop_speed: exit $?" | tee -a "$OUT/loop.txt"
 # The same loop with CUDA graphs (one per visible-token count; the loop's latents live on the GPU either way).
-timeout 120 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" $GRAPHS --profile-steps 0 | tee -a "$OUT/loop.txt" \
+timeout 100 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" $GRAPHS --profile-steps 0 | tee -a "$OUT/loop.txt" \
   || echo "loop_speed graphs: exit $?" | tee -a "$OUT/loop.txt"
 # Issue 12: the shipped projector's encode rate at 128 px on this GPU (the one-process path; no Ray here).
-timeout 60 $PY benchmarks/precompute.py --one-process --device "$DEVICE" $PRECOMPUTE --profile | tee "$OUT/precompute.txt" \
+timeout 45 $PY benchmarks/precompute.py --one-process --device "$DEVICE" $PRECOMPUTE --profile | tee "$OUT/precompute.txt" \
   || echo "precompute: exit $?" | tee -a "$OUT/precompute.txt"
+# What only a GPU shows, as assertions: pinned batches, CUDA graphs in Engine.fit, bit-exact resume on CUDA.
+timeout 75 $PY -m pytest -q -p no:cacheprovider -n 0 -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt" \
+  || echo "tests/test_gpu.py: exit $?" | tee -a "$OUT/gpu-tests.txt"
 if [[ "${ABLATION:-0}" == "1" ]]; then
   timeout 300 $PY benchmarks/ablation_engine.py --device "$DEVICE" $ABL --out "$OUT/ablation" | tee "$OUT/ablation.txt" \
     || echo "ablation_engine: exit $?" | tee -a "$OUT/ablation.txt"

@@ -2,7 +2,8 @@
 
 Times `Engine.train_step`, the exact step `lmd train` runs (forward, masked loss, backward, clip,
 fused/foreach AdamW), on a batch already on the device, so the figure is the model's speed and not
-the input pipeline's (benchmarks/data_stream.py measures that). With --compile the eager and the
+the input pipeline's (benchmarks/data_stream.py measures that). The batch is synthetic latents of the
+preset's shape, so the benchmark needs no projector and no photos. With --compile the eager and the
 torch.compile'd step are measured side by side in one run and their ratio printed. With --official
 the official LMD step (benchmarks/official_step.py: MAE's model and loop, fp16 + GradScaler, a host
 sync per step) is measured at the same preset's dims and batch in the same run, and each of our rows
@@ -30,7 +31,10 @@ from lmd.runtime import local_engine
 
 
 def measure(preset: str, batch: int, steps: int, warmup: int, ratio: float, compile_: bool, device: str) -> dict:
-    cfg = build_config(overrides={"model.preset": preset, "data.batch_size": batch, "data.num_train": batch,
+    # Synthetic latents of the preset's shape: the step's speed does not depend on what the values are, and a
+    # bundled-photo store would need the projector's encode and foolbox's photos (absent on a lent GPU).
+    cfg = build_config(overrides={"model.preset": preset, "data.dataset": "synthetic",
+                                  "data.batch_size": batch, "data.num_train": batch,
                                   "data.num_val": 1, "run.device": device, "run.compile": compile_,
                                   "run.steps": warmup + steps})
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
 - `compile_model`: torch.compile with one static-shape graph per visible-token count, and CUDA
   graphs in the modes that capture them (`uses_cuda_graphs`); `compiled_graphs` counts the graphs.
 - `place_on_device`: in-memory latents held on the GPU when they fit, so a step gathers its batch
-  there instead of copying it from host memory.
+  there instead of copying it from host memory; otherwise batches in pinned memory (asynchronous copies).
 - `throughput`: samples/s, TFLOP/s and MFU over a log interval, as every metrics row carries them.
 
 The engine (`lmd.engine`) calls these; nothing here holds state.
@@ -58,19 +58,27 @@ def compiled_graphs() -> int | None:
 
 
 def place_on_device(source: Any, device: torch.device) -> bool:
-    """Move an in-memory batch source onto a GPU when it fits in `RESIDENT_SHARE` of the free memory, so a
-    step gathers its batch there (no host gather, no per-step copy); returns whether it moved."""
+    """Ready a batch source for a CUDA device; returns whether its latents moved onto the GPU.
+
+    In-memory latents move when they fit in `RESIDENT_SHARE` of the free memory, so a step gathers its
+    batch there (no host gather, no per-step copy). Latents that stay on the host (a streamed store, or
+    too large) hand out batches in pinned memory, so the engine's `.to(device, non_blocking=True)` is an
+    asynchronous copy rather than a staged, blocking one.
+    """
+    if device.type != "cuda":
+        return False
     move, latents = getattr(source, "to_device", None), getattr(source, "latents", None)
-    if move is None or latents is None or device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    need = latents.numel() * latents.element_size()
-    if need > RESIDENT_SHARE * free:
-        log.info("latents stay in host memory (%.0f MiB > %.0f%% of the GPU's %.0f MiB free)", need / 2**20,
-                 100 * RESIDENT_SHARE, free / 2**20)
-        return False
-    move(device)
-    return True
+    if move is not None and latents is not None:
+        free, _ = torch.cuda.mem_get_info(device)
+        need = latents.numel() * latents.element_size()
+        if need <= RESIDENT_SHARE * free:
+            move(device)
+            return True
+        log.info("latents stay in host memory (%.0f MiB > %.0f%% of the GPU's %.0f MiB free); batches are pinned",
+                 need / 2**20, 100 * RESIDENT_SHARE, free / 2**20)
+    if hasattr(source, "pin_memory"):
+        source.pin_memory = True
+    return False
 
 
 def throughput(before: tuple[int, float, float], now: tuple[int, float, float], batch_size: int,

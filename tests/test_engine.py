@@ -379,6 +379,7 @@ def test_in_memory_latents_move_to_a_gpu_only_when_they_fit_a_quarter_of_its_fre
     class Source:
         latents = torch.zeros(1024, 256)  # 1 MiB of float32
         moved_to = None
+        pin_memory = False
 
         def to_device(self, device):
             self.moved_to = device
@@ -388,7 +389,15 @@ def test_in_memory_latents_move_to_a_gpu_only_when_they_fit_a_quarter_of_its_fre
         source = Source()
         assert place_on_device(source, torch.device("cuda")) is moves
         assert source.moved_to == (torch.device("cuda") if moves else None)
-    assert place_on_device(Source(), torch.device("cpu")) is False  # host memory already
+        assert source.pin_memory is not moves  # latents left on the host hand out pinned batches
+    on_cpu = Source()
+    assert place_on_device(on_cpu, torch.device("cpu")) is False and on_cpu.pin_memory is False  # nothing to copy
+
+    class Stream:  # a streamed store has no latents to move: its batches are pinned for a GPU
+        pin_memory = False
+
+    stream = Stream()
+    assert place_on_device(stream, torch.device("cuda")) is False and stream.pin_memory is True
 
 
 def test_latents_moved_to_the_device_give_the_same_batches_and_labels():

@@ -4,6 +4,8 @@
 a generator seeded with (seed, e). The data position of a run is therefore just its step count,
 which is what makes stop + resume bit-identical to an uninterrupted run.
 
+`host_buffer` / `host_copy` give host batches, page-locked when a GPU will read them.
+
 `synthetic_latents` makes the `--dataset synthetic` fields (loop tests without images or projector):
 smooth, spatially correlated 4-channel fields (a per-sample offset plus random low-frequency
 plane waves with mixed channels), so that masked patches are predictable from visible neighbours the way real
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -31,6 +34,22 @@ def synthetic_latents(num: int, channels: int, size: int, seed: int, waves: int 
     fields = torch.einsum("ncw,nwhv->nchv", mix, waves_ * math.sqrt(waves))
     fields = fields + torch.randn(num, channels, 1, 1, generator=g)  # per-sample "colour" offset
     return (fields / fields.std().clamp_min(1e-6)).contiguous()
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """An empty host tensor for one batch. Pinned (page-locked) memory lets `.to("cuda", non_blocking=True)`
+    return at once instead of staging through a pageable copy; torch's caching host allocator reuses the
+    block only after the copy that read it has finished, so a fresh buffer per step costs no allocation."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+
+def host_copy(array: np.ndarray, pinned: bool) -> torch.Tensor:
+    """A host tensor holding its own copy of `array` (pinned when asked: see `host_buffer`)."""
+    if not pinned:
+        return torch.from_numpy(np.array(array))
+    out = host_buffer(array.shape, torch.from_numpy(np.empty(0, array.dtype)).dtype, pinned=True)
+    np.copyto(out.numpy(), array)
+    return out
 
 
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -67,6 +86,9 @@ class InMemoryLatents:
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
         self._perm_on_latents = self._perm  # the same order where the latents are (a GPU once `to_device`)
+        # Host batches land in page-locked memory, so their copy to a GPU is asynchronous (lmd.speed sets
+        # this for a CUDA run whose latents stay on the host).
+        self.pin_memory = False
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -100,7 +122,11 @@ class InMemoryLatents:
         """This rank's part of the batch consumed at global `step`: [batch_size // world_size, C, H, W], on the
         latents' device."""
         epoch, rows = self._positions(step)
-        return self.latents[self._permutation(epoch)[1][rows]]
+        ids = self._permutation(epoch)[1][rows]
+        if not self.pin_memory:
+            return self.latents[ids]
+        out = host_buffer((len(ids), *self.latents.shape[1:]), self.latents.dtype, pinned=True)
+        return torch.index_select(self.latents, 0, ids, out=out)
 
     def labelled_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents [B, C, H, W], labels [B]) of global `step`: the same items as `batch(step)`."""

@@ -26,6 +26,7 @@ import torch
 
 from lmd.data.lanes import StreamPlan
 from lmd.data.location import Location, Where
+from lmd.data.memory import host_copy
 from lmd.data.store import StoreError, decode_latents, item_width, validate_store
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ class RayLatentStream:
         self.total_steps, self.readers = total_steps, readers
         self.width = item_width(self.manifest["latent_shape"], self.manifest["dtype"])
         self._iter: Any = None
+        self.pin_memory = False  # batches in page-locked memory, for an asynchronous copy to a GPU (lmd.speed)
         self._next_step, self._end_step = -1, -1
 
     def __len__(self) -> int:
@@ -239,8 +241,9 @@ class RayLatentStream:
         self._next_step = step + 1
         dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         latents = out["latent"].view(dtype).reshape(-1, *self.manifest["latent_shape"])
-        # Ray hands out read-only views of its object store; the copy is the rank's own batch.
-        return torch.from_numpy(latents.copy()), torch.from_numpy(out["index"].copy())
+        # Ray hands out read-only views of its object store; the copy is the rank's own batch (page-locked
+        # when the run's GPU reads it: see `pin_memory`).
+        return host_copy(latents, pinned=self.pin_memory), torch.from_numpy(out["index"].copy())
 
     def batch(self, step: int) -> torch.Tensor:
         """This rank's rows of the batch at global `step`: [local_batch, C, h, w] in the store's dtype."""
