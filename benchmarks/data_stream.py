@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
-from lmd.config import build_config
+from lmd.config_build import build_config
 from lmd.data.store_writer import precompute_store
 from lmd.data.stream import RayLatentStream, ray_dataset
 from lmd.runtime import local_engine

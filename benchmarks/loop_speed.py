@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lmd.config import build_config
+from lmd.config_build import build_config
 from lmd.flops import device_peak_flops, train_flops_per_sample
 from lmd.runtime import local_engine
 

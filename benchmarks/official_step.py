@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmd.config import PRESETS, ModelConfig, build_config
+from lmd.config import PRESETS, ModelConfig
+from lmd.config_build import build_config
 from lmd.device import resolve_device
 from lmd.flops import device_peak_flops
 from lmd.masking import num_visible

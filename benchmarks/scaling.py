@@ -24,7 +24,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from lmd.config import ClusterConfig, build_config  # noqa: E402
+from lmd.config import ClusterConfig  # noqa: E402
+from lmd.config_build import build_config  # noqa: E402
 from lmd.distributed import fit_distributed  # noqa: E402
 from lmd.runtime import local_engine  # noqa: E402
 

@@ -24,7 +24,8 @@ import time
 import torch
 from official_step import measure_official  # benchmarks/ is on sys.path when this runs as a script
 
-from lmd.config import PRESETS, build_config
+from lmd.config import PRESETS
+from lmd.config_build import build_config
 from lmd.flops import device_peak_flops
 from lmd.model import param_count, train_flops_per_sample
 from lmd.runtime import local_engine

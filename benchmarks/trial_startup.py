@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
-from lmd.config import build_config  # noqa: E402
+from lmd.config_build import build_config  # noqa: E402
 from lmd.entry import init_ray  # noqa: E402
 from lmd.experiments import trial as trials  # noqa: E402
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, TrainConfig, build_config
+from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, TrainConfig
+from lmd.config_build import build_config
 from lmd.entry import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, fail, init_ray
 from lmd.options import Flag, cli_flags
 

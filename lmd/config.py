@@ -1,11 +1,10 @@
-"""Typed run configuration: dataclasses, file loading and validation at the edge.
+"""Typed run configuration: the config sections, their presets and their validation at the edge.
 
 Everything a run needs is one `TrainConfig` made of five frozen sections (model, mask, optim,
-data, run). Configs are built in one place, `build_config`, from three layers applied in order:
-the model preset (`PRESETS`), a YAML/JSON file, then dotted overrides such as ``{"mask.end": 0.9}``
-(what the CLI produces). Every value is type-checked and range-checked there, and any problem raises
-`ConfigError` whose message names the field and the offending value, so the CLI can print one
-line instead of a traceback.
+data, run); `ClusterConfig` says how to place it on Ray. Each section's `validate` range-checks its
+fields, and any problem raises `ConfigError` whose message names the field and the offending value,
+so the CLI can print one line instead of a traceback. Configs are built in one place,
+`lmd.config_build.build_config`, from the preset (`PRESETS`), a YAML/JSON file and dotted overrides.
 
 A field that is also a command-line flag is declared with `option` (lmd/options.py), next to its
 default; `lmd train` builds its parser and its overrides from `cli_flags`, so each flag is written once.
@@ -14,17 +13,11 @@ default; `lmd train` builds its parser and its overrides from `cli_flags`, so ea
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lmd.options import FIELD_TYPES, option
+from lmd.options import option
 
 SCHEDULERS = ("uniform", "piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -260,7 +253,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         """Strictly typed construction from a nested dict (e.g. a checkpoint's saved config)."""
-        return build_config(overrides=_flatten(raw), preset=None)
+        # Imported here: lmd.config_build imports this module, so a top-level import would be circular.
+        from lmd.config_build import build_config, flatten
+
+        return build_config(overrides=flatten(raw), preset=None)
 
 
 @dataclass(frozen=True)
@@ -339,149 +335,3 @@ def check_name(name: str, flag: str) -> None:
 def _require(ok: bool, name: str, value: Any, reason: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r}: {reason}")
-
-
-def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _coerce(name: str, value: Any, kind: Any) -> Any:
-    """Check `value` against a field's annotated type; ints are accepted where floats are."""
-    if isinstance(kind, str):  # annotations are strings under `from __future__ import annotations`
-        kind = FIELD_TYPES[kind]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}={value!r}: expected true or false")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}={value!r}: expected an integer")
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise ConfigError(f"{name}={value!r}: expected a finite number")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name}={value!r}: expected a string")
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        return value
-    raise TypeError(f"unsupported config field type {kind!r} for {name}")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a nested dict, naming the file on any failure."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"config file {path}: cannot read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                          f"{err.start})") from None
-    try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"config file {path}: malformed ({detail})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(raw).__name__}")
-    _check_acyclic(raw, path)
-    for section, body in raw.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"config file {path}: unknown section {section!r}; "
-                              f"expected some of {', '.join(SECTIONS)}")
-        if not isinstance(body, dict):
-            raise ConfigError(f"config file {path}: section {section!r} must be a mapping")
-    return raw
-
-
-def _check_acyclic(value: Any, path: Path, inside: tuple[int, ...] = ()) -> None:
-    """A YAML alias can make a value contain itself (`a: &a [*a]`); refuse that instead of recursing forever."""
-    if not isinstance(value, dict | list):
-        return
-    if id(value) in inside:
-        raise ConfigError(f"config file {path}: a recursive YAML alias (a value that contains itself)")
-    for child in value.values() if isinstance(value, dict) else value:
-        _check_acyclic(child, path, (*inside, id(value)))
-
-
-def build_config(
-    file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    preset: str | None = DEFAULT_PRESET,
-) -> TrainConfig:
-    """Preset -> file -> dotted overrides, then validate. Raises ConfigError naming the field.
-
-    A `model.preset` key in the file or overrides selects the preset (the CLI's ``--preset``).
-    """
-    values = _flatten(read_config_file(file)) if file is not None else {}
-    values.update(overrides or {})
-    preset = values.pop("model.preset", preset)
-    if preset is not None and not isinstance(preset, str):
-        raise ConfigError(f"model.preset={preset!r}: expected a string (one of {', '.join(PRESETS)})")
-    dataset = values.get("data.dataset")
-    if "data.projector" not in values and isinstance(dataset, str) and dataset in DATASET_PROJECTORS:
-        values["data.projector"] = DATASET_PROJECTORS[values["data.dataset"]]
-
-    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"model.preset={preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
-        sections["model"] = dataclasses.asdict(PRESETS[preset])
-
-    for dotted, value in values.items():
-        section, _, key = dotted.partition(".")
-        if section not in SECTIONS or not key:
-            raise ConfigError(f"{dotted}: unknown setting; expected <section>.<field> with section in "
-                              f"{', '.join(SECTIONS)}")
-        fields = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
-        if key not in fields:
-            raise ConfigError(f"{dotted}={value!r}: unknown field of {section}; known: {', '.join(fields)}")
-        sections[section][key] = _coerce(dotted, value, fields[key])
-
-    _derive_geometry(sections, explicit={k for k in values if k.startswith("model.")})
-    cfg = TrainConfig(**{name: SECTIONS[name](**body) for name, body in sections.items()})
-    return cfg.validate()
-
-
-def _derive_geometry(sections: dict[str, dict[str, Any]], explicit: set[str]) -> None:
-    """Tie the model's input geometry to the data unless the user set it explicitly.
-
-    Presets describe f8 latents. `data.resolution` (when set) fixes the latent side; in pixel
-    space (`projector: identity`) the input is the image itself, so the side and the patch grow by
-    8 and channels become 3, keeping the token count, and so the transformer's cost per token
-    layout, equal to the latent variant's: the "without projector" ablation changes only the space.
-    """
-    model, data = sections["model"], sections["data"]
-    base = ModelConfig(**model)
-    latent_side = base.latent_size
-    resolution = data.get("resolution", 0)
-    if resolution and "model.latent_size" not in explicit:
-        latent_side = resolution // LATENT_FACTOR
-    data["resolution"] = resolution or latent_side * LATENT_FACTOR
-    if data.get("projector", DataConfig.projector) in PIXEL_PROJECTORS and data.get("dataset") != "synthetic":
-        if "model.latent_size" not in explicit:
-            model["latent_size"] = latent_side * LATENT_FACTOR
-        if "model.patch_size" not in explicit:
-            model["patch_size"] = base.patch_size * LATENT_FACTOR
-        if "model.in_chans" not in explicit:
-            model["in_chans"] = 3
-    elif "model.latent_size" not in explicit:
-        model["latent_size"] = latent_side
-
-
-def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
-    """Dotted names of the fields whose values differ between two configs."""
-    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))

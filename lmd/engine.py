@@ -37,7 +37,8 @@ from lmd.checkpoint import (
     save_checkpoint,
     sweep_stale,
 )
-from lmd.config import ModelConfig, OptimConfig, TrainConfig, config_diff
+from lmd.config import ModelConfig, OptimConfig, TrainConfig
+from lmd.config_build import config_diff
 from lmd.device import autocast_dtype
 from lmd.evaluation import reconstruction_psnr
 from lmd.flops import device_peak_flops, step_flops, train_flops_until

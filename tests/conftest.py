@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from lmd.config import TrainConfig, build_config
+from lmd.config import TrainConfig
+from lmd.config_build import build_config
 
 
 @pytest.fixture(autouse=True, scope="session")

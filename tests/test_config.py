@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from lmd.cli import CLUSTER_FLAGS, SCHEDULE_FLAGS, TRAIN_FLAGS, _cluster, _parser, _passed, main
-from lmd.config import SECTIONS, ClusterConfig, ConfigError, TrainConfig, build_config, config_diff
+from lmd.config import SECTIONS, ClusterConfig, ConfigError, TrainConfig
+from lmd.config_build import build_config, config_diff
 from lmd.options import cli_flags, option
 
 

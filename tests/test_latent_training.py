@@ -118,7 +118,7 @@ def test_a_trial_skips_hashing_the_store_its_driver_hashed(store, tmp_path):
     # one flipped byte (same size, footer intact) is refused by a plain run and accepted there.
     import shutil
 
-    from lmd.config import build_config
+    from lmd.config_build import build_config
     from lmd.data.store import StoreError
     from lmd.runtime import local_engine
 

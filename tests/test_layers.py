@@ -11,6 +11,7 @@ import sys
 RULES = [
     ("lmd.options", {"torch", "ray"}),
     ("lmd.config", {"torch", "ray"}),
+    ("lmd.config_build", {"torch", "ray"}),
     ("lmd.io", {"torch", "ray"}),
     ("lmd.entry", {"torch", "ray"}),
     ("lmd.masking", {"torch", "ray"}),  # the schedules are pure Python (the dashboard draws them)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmd.config import build_config
+from lmd.config_build import build_config
 from lmd.data import precompute as precompute_pipeline
 from lmd.data.latents import build_store, prepare_data
 from lmd.data.location import Location

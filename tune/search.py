@@ -31,7 +31,7 @@ from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from lmd.config import build_config
+from lmd.config_build import build_config
 from lmd.experiments.driver import (
     ExperimentSpec,
     add_shared_flags,

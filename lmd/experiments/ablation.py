@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmd.config import LATENT_FACTOR, PRESETS, ConfigError, TrainConfig, build_config
+from lmd.config import LATENT_FACTOR, PRESETS, ConfigError, TrainConfig
+from lmd.config_build import build_config
 from lmd.experiments.driver import ExperimentSpec, build_stores
 from lmd.experiments.results import REFERENCES_FILE, read_references
 from lmd.experiments.summary import TARGET_METRICS, verdicts

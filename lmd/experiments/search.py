@@ -17,7 +17,8 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from lmd.config import ConfigError, build_config
+from lmd.config import ConfigError
+from lmd.config_build import build_config
 from lmd.experiments.driver import ExperimentSpec, build_stores
 from lmd.experiments.trial import Placement, TrialBase
 
