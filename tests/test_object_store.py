@@ -25,6 +25,7 @@ from lmd.data.store import (
     MANIFEST_FILE,
     PLAN_FILE,
     StoreError,
+    read_manifest,
     read_store,
     shard_name,
     validate_store,
@@ -142,6 +143,41 @@ def test_a_corrupt_object_is_named_by_its_s3_key(stores, s3):
     message = str(err.value)
     assert message.startswith(f"s3://{BUCKET}/corrupt/train/{shard_name(1)}: sha256: corrupt")
     assert "endpoint_override" not in message
+
+
+def test_an_s3_store_is_hashed_once_per_machine_until_an_object_changes(stores, s3, monkeypatch, tmp_path):
+    import time
+
+    from lmd.data import verified
+
+    monkeypatch.setenv("LMD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "SETTLE_SECONDS", 2.0)  # S3 times are whole seconds; production waits 60 s
+    source, copy = Location.of(stores["s3"]) / "train", Location.of(s3("verified")) / "train"
+    for name in source.names():
+        (copy / name).write_bytes((source / name).read_bytes())
+    shards = len(read_manifest(copy)["shards"])
+    hashed: list[str] = []
+    real_sha256 = Location.sha256
+    monkeypatch.setattr(Location, "sha256", lambda self: hashed.append(self.name) or real_sha256(self))
+
+    validate_store(copy)  # written a moment ago: hashed, not yet recorded (a same-second rewrite would hide)
+    assert len(hashed) == shards and not list((tmp_path / "cache").rglob("*.json"))
+    time.sleep(2.1)
+    validate_store(copy)
+    validate_store(copy)
+    assert len(hashed) == 2 * shards  # the settled store was hashed once more, then recorded and trusted
+
+    data = bytearray((copy / shard_name(1)).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, new object: its time moves on
+    (copy / shard_name(1)).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{shard_name(1)}: sha256: corrupt"):
+        validate_store(copy)
+
+    local = Path(stores["local"]) / "train"
+    hashed.clear()
+    validate_store(local)
+    validate_store(local)
+    assert len(hashed) == 2 * len(read_manifest(local)["shards"])  # a local store is hashed every time
 
 
 def test_an_interrupted_s3_build_resumes_encoding_only_the_missing_shard(stores, s3, ray_session):

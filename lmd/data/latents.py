@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from lmd.data.store import (
     validate_store,
 )
 from lmd.data.store_writer import precompute_store
+from lmd.data.verified import cache_root
 from lmd.locks import LOCK_FILE, LockedError, hold
 from lmd.probe import ProbeSet
 from lmd.projector import Projector, load_projector
@@ -50,10 +50,6 @@ class RunData:
     store: Location | None  # a local folder or an object-store URI
     val_images: torch.Tensor | None = None  # the first held-out images, for decoded PSNR
     probe: ProbeSet | None = None  # labelled train/held-out items for the linear probe (labelled stores)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LMD_CACHE", Path.home() / ".cache" / "lmd"))
 
 
 def _dataset_tag(dataset: str) -> str:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lmd.data.location import Location, Where
+from lmd.data.verified import record_verified, shard_stamps, verified_before
 from lmd.io import read_json_object
 
 FORMAT_VERSION = 1
@@ -221,16 +222,22 @@ def validate_store(store_dir: Where, *, projector: dict | None = None, latent_sh
         file = root / shard["file"]
         if not file.is_file():
             raise StoreError(f"{file}: shard missing (manifest shards[{k}].file names it)")
+    stamps, read_at = shard_stamps(root, manifest) if verify_checksums and not root.is_local else (None, 0)
+    hash_shards = verify_checksums and not verified_before(root, manifest, stamps)  # an S3 store: once per machine
+    for k, shard in enumerate(manifest["shards"]):
+        file = root / shard["file"]
         size = file.size()
         if size != shard["bytes"]:
             raise StoreError(f"{file}: bytes: truncated or overwritten: {size} bytes, manifest says {shard['bytes']}")
-        if verify_checksums:
+        if hash_shards:
             digest = file.sha256()
             if digest != shard["sha256"]:
                 raise StoreError(f"{file}: sha256: corrupt: {digest[:12]}... does not match manifest "
                                  f"{str(shard['sha256'])[:12]}...")
         check_shard(file, shard["rows"], manifest["latent_shape"], manifest["dtype"], k * manifest["shard_size"],
                     len(store_classes(manifest)))
+    if hash_shards:
+        record_verified(root, manifest, stamps, read_at)
     return manifest
 
 
