@@ -21,8 +21,8 @@ RULES = [
     ("lmd.runtime", {"ray"}),
     ("lmd.data.store", {"ray"}),
     ("lmd.data.store_writer", {"ray"}),
-    ("lmd.data.verified", {"torch", "ray"}),  # a few stat calls and a JSON record
-    ("lmd.data.location", {"torch", "ray"}),
+    ("lmd.data.verified", {"ray"}),
+    ("lmd.data.location", {"ray"}),
     ("lmd.data.latents", {"ray"}),
     ("lmd.probe", {"ray"}),
 ]
