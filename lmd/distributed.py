@@ -111,19 +111,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _check_room_for_reads(cfg: TrainConfig, cluster: ClusterConfig) -> None:
-    """A streamed run's reads are Ray tasks of one CPU: refuse a placement whose workers take every CPU."""
-    import ray
-
+def _check_lanes(cfg: TrainConfig, cluster: ClusterConfig) -> None:
+    """A streamed run's workers each read whole lanes. (Their reads need no free CPU: a worker's read tasks
+    ask for none, since it runs in a placement group; `lmd.data.stream.reader_cpus`.)"""
     if cfg.data.batch_size % cfg.data.stream_lanes or cfg.data.stream_lanes % cluster.workers:
         raise ConfigError(f"data.stream_lanes={cfg.data.stream_lanes}: must divide data.batch_size="
                           f"{cfg.data.batch_size} and be divisible by --workers={cluster.workers} (the store is "
                           "streamed: each worker reads whole lanes)")
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - cluster.workers * cluster.cpus_per_worker < 1:
-        raise ConfigError(f"--workers={cluster.workers} x --cpus-per-worker={cluster.cpus_per_worker} reserve all "
-                          f"{total:g} CPUs of the cluster: the streamed store needs >= 1 free CPU for its reads "
-                          "(lower --cpus-per-worker, add nodes, or use --loader memory)")
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
@@ -186,7 +180,7 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
         root, _ = resolve_store(cfg, verify_checksums=verify_checksums)
         loader = resolve_loader(cfg.data.loader, read_manifest(root / "train"), cfg.data.memory_limit_mb)
         if loader == "ray":
-            _check_room_for_reads(cfg, cluster)
+            _check_lanes(cfg, cluster)
     storage = storage_uri(cluster.storage)
     name = cluster.name or run_name(cfg)
     fallback = _recover_torn_snapshot(Path(storage) / name) if "://" not in storage else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -176,9 +178,20 @@ def test_streaming_refuses_lanes_the_workers_cannot_share(ray_session, pixel_sto
     with pytest.raises(ConfigError, match="stream_lanes=2: must divide data.batch_size=12 and be divisible by "
                                           "--workers=4"):
         fit_distributed(cfg, ClusterConfig(workers=4, storage=str(tmp_path / "ray"), name="x"))
-    with pytest.raises(ConfigError, match="reserve all 4 CPUs"):
-        fit_distributed(pixel_config(pixel_store), ClusterConfig(workers=2, cpus_per_worker=2,
-                                                                 storage=str(tmp_path / "ray"), name="y"))
+
+
+def test_workers_that_reserve_every_cpu_still_stream(ray_session, pixel_store, tmp_path):
+    # Ray Data's read tasks do not run in the workers' placement group; had they asked for a CPU, they would
+    # wait forever for one outside it. Inside a group they ask for none (`reader_cpus`).
+    outcome: list = []
+    cluster = ClusterConfig(workers=2, cpus_per_worker=2, storage=str(tmp_path / "ray"), name="full")
+    fit = threading.Thread(target=lambda: outcome.append(fit_distributed(pixel_config(pixel_store, **{
+        "run.steps": 4, "run.log_every": 2}), cluster)), daemon=True)
+    fit.start()
+    fit.join(timeout=240)
+    assert not fit.is_alive(), "a streamed run whose workers hold all 4 CPUs hung: its reads found no CPU"
+    assert outcome and outcome[0].error is None, outcome
+    assert outcome[0].metrics["step"] == 4
 
 
 def _private_rss_mb(pid: int) -> float | None:
@@ -233,3 +246,54 @@ def test_workers_memory_does_not_grow_with_the_store(ray_session, tmp_path):
     decoded_growth_mb = (65_536 - 4096) * 3 * 16 * 16 * 4 / 2**20
     for small, large in zip(peaks[4096], peaks[65_536], strict=True):
         assert large - small < budget_mb < decoded_growth_mb / 3, (peaks, decoded_growth_mb)
+
+
+def test_a_tune_trial_reserving_every_cpu_streams_its_store_as_a_plain_run_does(ray_session, pixel_store, tmp_path):
+    # Trials keep data.loader (before, they always loaded the store into memory, in another order): the
+    # trial streams the same batches a plain `lmd train --loader ray` run reads, with its reads riding on
+    # the trial's own CPUs.
+    from ray import tune
+
+    from lmd.experiments.trial import Placement, TrialSpec, run_trial, trial_resources
+
+    cfg = pixel_config(pixel_store, **{"run.steps": 6, "run.log_every": 2, "run.eval_every": 6, "run.ckpt_every": 6})
+    spec = TrialSpec("lmd_cosine", cfg, Placement(cpus=4))
+    tuner = tune.Tuner(tune.with_resources(run_trial, trial_resources), param_space={"trial": spec.to_dict()},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="streamed"))
+    outcome: list = []
+    fit = threading.Thread(target=lambda: outcome.append(tuner.fit()), daemon=True)
+    fit.start()
+    fit.join(timeout=240)
+    assert not fit.is_alive(), "a streamed trial holding all 4 CPUs hung: its reads found no CPU"
+    (result,) = outcome[0]
+    assert result.error is None, result.error
+    engine = local_engine(cfg, tmp_path / "plain")
+    engine.fit()
+    rows = result.metrics_dataframe
+    assert rows["step"].tolist() == [2, 4, 6]
+    assert rows["loss"].tolist() == pytest.approx([r["loss"] for r in engine.history], rel=1e-5)
+
+
+def test_the_search_takes_a_precomputed_store_and_both_scripts_a_loader():
+    from .test_experiments import tune_script
+
+    search = tune_script("search")
+    _, base = search.experiment(search.parse_args(["--latents", "s3://bucket/stores/imagenet", "--loader", "ray"]))
+    overrides = base.overrides("cuda")
+    assert (overrides["data.latents"], overrides["data.loader"]) == ("s3://bucket/stores/imagenet", "ray")
+    ablation = tune_script("ablation")
+    _, spec = ablation.experiment(ablation.parse_args(["--loader", "memory"]))
+    overrides = spec.base.overrides("cpu")
+    assert overrides["data.loader"] == "memory" and "data.latents" not in overrides  # each space builds its store
+    assert search.parse_args([]).loader == "auto"
+
+
+def test_a_search_on_a_store_made_for_another_model_stops_before_any_trial(pixel_store, tmp_path):
+    # The store holds 3-channel 16 px pixels (identity projector); the search's trials expect the fmnist
+    # projector's latents: one line naming the manifest's mismatch, exit code 2, no Ray trial started.
+    proc = subprocess.run([sys.executable, "tune/search.py", "--latents", str(pixel_store), "--samples", "1",
+                           "--budget", "2", "--storage", str(tmp_path), "--preset", "tiny", "--resolution", "128"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("search: error: ") and str(pixel_store) in line and "projector" in line, line

@@ -64,7 +64,7 @@ VARIANTS: dict[str, Variant] = {
 }
 # What a resumed experiment must share with the one it continues (the rest only places or names it).
 EXPERIMENT_ARGS = ("variants", "seeds", "budget_by", "budget", "evals", "preset", "dataset", "projector", "resolution",
-                   "batch_size", "num_train", "num_val", "num_probe", "target_metric", "workers_per_trial")
+                   "batch_size", "num_train", "num_val", "num_probe", "target_metric", "workers_per_trial", "loader")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -50,7 +50,7 @@ MODE = "max"
 # What a resumed search must share with the one it continues (the rest only places or names it).
 EXPERIMENT_ARGS = ("samples", "budget", "metric", "preset", "projector", "dataset", "resolution", "num_train",
                    "num_val", "num_probe", "batch_size", "end_range", "depth_range", "decoder_depth_range", "lr_range",
-                   "include_constant", "eval_every", "seed", "workers_per_trial")
+                   "include_constant", "eval_every", "seed", "workers_per_trial", "loader", "latents")
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--include-constant", action="store_true", help="also search the constant (MAE) schedule")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--latents", default="", metavar="STORE",
+                   help="search on a store made by `lmd precompute` (a folder every node sees, or s3://...); it must "
+                        "match --preset, --projector and --resolution (checked and hashed once, before any trial)")
     add_shared_flags(p, name="search")  # the data, the placement, --storage/--name/--resume: as the ablation
     return p.parse_args(argv)
 

@@ -103,6 +103,20 @@ def _shard_rows(path: Location, rows: int, first: int, width: int, size: int) ->
                          offset=column.offset * width).reshape(rows, width)
 
 
+def reader_cpus() -> float:
+    """CPUs each read task asks for: none inside a placement group (a Tune trial, a Ray Train worker), one elsewhere.
+
+    Ray Data's tasks do not run in the bundles of the placement group they are started from (Ray 2.60:
+    a trial reserving [{CPU: 1}, {CPU: 1}] on a 2-CPU Ray left its read task pending with the second
+    bundle idle). A reader asking for a CPU then waits for one outside every group, which never comes
+    when trials or workers hold them all. So there the group's own CPUs pay for its reads: the readers
+    (`readers` per stream, I/O and a byte copy each) run beside the process that reserved them.
+    """
+    import ray.util
+
+    return 0.0 if ray.util.get_current_placement_group() is not None else 1.0
+
+
 def _read_window(task: dict[str, np.ndarray], root: Location, plan: StreamPlan, lanes: range,
                  shards: list[dict[str, Any]], width: int) -> dict[str, np.ndarray]:
     """One Ray Data task: this rank's rows of one shuffle window, [steps * local_batch] in step order."""
@@ -207,7 +221,7 @@ class RayLatentStream:
         # A few windows in flight, whatever the store's size: this bounds the rank's memory.
         ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
             object_store_memory=(self.readers + 2) * window_bytes)
-        ds = ds.map_batches(_read_window, batch_size=1, batch_format="numpy",
+        ds = ds.map_batches(_read_window, batch_size=1, batch_format="numpy", num_cpus=reader_cpus(),
                             compute=ray.data.TaskPoolStrategy(size=self.readers),
                             fn_kwargs={"root": self.store_dir, "plan": self.plan, "lanes": self.lanes,
                                        "shards": self.manifest["shards"], "width": self.width})

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from lmd.config import COMPILE_MODES, ConfigError, TrainConfig, check_name
+from lmd.config import COMPILE_MODES, LOADERS, ConfigError, TrainConfig, check_name
 from lmd.entry import (
     EXIT_RUNTIME,
     EXIT_USAGE,
@@ -125,6 +125,9 @@ def add_shared_flags(p: argparse.ArgumentParser, name: str) -> None:
     data.add_argument("--num-train", type=int, default=20000)
     data.add_argument("--num-val", type=int, default=1000, help="held-out items (PSNR decodes the first 32 of them)")
     data.add_argument("--num-probe", type=int, default=1000, help="labelled training items the linear probe is fit on")
+    data.add_argument("--loader", default="auto", choices=LOADERS,
+                      help="auto (default): each trial holds a store that fits in memory and streams a larger one "
+                           "through Ray Data; ray or memory force one")
     data.add_argument("--compile", action="store_true", help="torch.compile every trial's model")
     data.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                       help="with --compile (reduce-overhead: CUDA graphs on GPU trials)")

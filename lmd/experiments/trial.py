@@ -93,13 +93,16 @@ class TrialBase:
     num_probe: int
     compile: bool = False  # torch.compile each trial's model (under Ray Train too)
     compile_mode: str = "default"  # reduce-overhead: CUDA graphs on GPU trials
+    loader: str = "auto"  # data.loader: memory for a store that fits, else each trial streams it (Ray Data)
+    latents: str = ""  # the search's --latents: a store made by `lmd precompute` (local or s3://); "" = built here
 
     @classmethod
     def from_flags(cls, args: Any) -> TrialBase:
         """The flags `add_shared_flags` defines, as the ablation and the search both read them."""
         return cls(preset=args.preset, dataset=args.dataset, projector=args.projector, resolution=args.resolution,
                    batch_size=args.batch_size, num_train=args.num_train, num_val=args.num_val,
-                   num_probe=args.num_probe, compile=args.compile, compile_mode=args.compile_mode)
+                   num_probe=args.num_probe, compile=args.compile, compile_mode=args.compile_mode,
+                   loader=args.loader, latents=vars(args).get("latents", ""))  # --latents: the search's flag only
 
     @property
     def latent_projector(self) -> str:
@@ -115,7 +118,8 @@ class TrialBase:
         return {"model.preset": self.preset, "data.dataset": self.dataset, "data.projector": self.latent_projector,
                 "data.resolution": self.resolution, "data.batch_size": self.batch_size,
                 "data.num_train": self.num_train, "data.num_val": self.num_val, "data.num_probe": self.num_probe,
-                "run.device": device, "run.compile": self.compile, "run.compile_mode": self.compile_mode}
+                "run.device": device, "run.compile": self.compile, "run.compile_mode": self.compile_mode,
+                "data.loader": self.loader, **({"data.latents": self.latents} if self.latents else {})}
 
 
 def check_placement(placement: Placement, batch_size: int) -> None:
@@ -190,7 +194,9 @@ def _run_local_trial(spec: TrialSpec) -> None:
     from lmd.engine import CHECKPOINT_DIR
     from lmd.runtime import local_engine
 
-    cfg = replace(spec.cfg, data=replace(spec.cfg.data, loader="memory"), run=replace(spec.cfg.run, keep_last=1))
+    # data.loader as the experiment set it: `auto` holds a small store in memory and streams a large one
+    # through Ray Data, whose reads ride on this trial's reserved CPUs (`lmd.data.stream.reader_cpus`).
+    cfg = replace(spec.cfg, run=replace(spec.cfg.run, keep_last=1))
     tags = trial_tags(spec)
     scratch = Path(tempfile.mkdtemp(prefix="lmd-trial-"))
     checkpoint = tune.get_checkpoint()
@@ -221,7 +227,7 @@ def _run_distributed_trial(spec: TrialSpec) -> None:
     from lmd.config import ClusterConfig
     from lmd.distributed import fit_distributed
 
-    cfg = replace(spec.cfg, data=replace(spec.cfg.data, loader="memory"))  # workers read the small store themselves
+    cfg = spec.cfg  # each worker holds its store in memory or streams its lanes, as data.loader resolves
     where = spec.placement
     cluster = ClusterConfig(workers=where.workers, cpus_per_worker=where.cpus / where.workers,
                             gpus_per_worker=where.gpus / where.workers, storage=where.train_storage,
