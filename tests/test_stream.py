@@ -159,9 +159,22 @@ def test_a_streamed_run_resumes_at_the_same_data_position(ray_session, pixel_sto
                                                  resumed.model.state_dict().values(), strict=True))
 
 
+def finished_within(seconds: float, fit):
+    """fit() in a thread: a run whose reads wait forever for a CPU fails the test instead of hanging the suite."""
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(fit()), daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"still running after {seconds:g} s: its reads found no CPU?"
+    return outcome[0]
+
+
 def test_two_workers_streaming_their_lanes_compute_the_single_process_update(ray_session, pixel_store, tmp_path):
+    # The two workers hold all 4 CPUs of this Ray: Ray Data's read tasks do not run in the workers' placement
+    # group, and had they asked for a CPU they would wait forever for one outside it (`reader_cpus`).
     cfg = pixel_config(pixel_store, **{"run.steps": 16})
-    result = fit_distributed(cfg, ClusterConfig(workers=2, storage=str(tmp_path / "ray"), name="stream2"))
+    cluster = ClusterConfig(workers=2, cpus_per_worker=2, storage=str(tmp_path / "ray"), name="stream2")
+    result = finished_within(240, lambda: fit_distributed(cfg, cluster))
     assert result.error is None, result.error
     engine = local_engine(cfg, tmp_path / "local")
     engine.fit()
@@ -178,20 +191,6 @@ def test_streaming_refuses_lanes_the_workers_cannot_share(ray_session, pixel_sto
     with pytest.raises(ConfigError, match="stream_lanes=2: must divide data.batch_size=12 and be divisible by "
                                           "--workers=4"):
         fit_distributed(cfg, ClusterConfig(workers=4, storage=str(tmp_path / "ray"), name="x"))
-
-
-def test_workers_that_reserve_every_cpu_still_stream(ray_session, pixel_store, tmp_path):
-    # Ray Data's read tasks do not run in the workers' placement group; had they asked for a CPU, they would
-    # wait forever for one outside it. Inside a group they ask for none (`reader_cpus`).
-    outcome: list = []
-    cluster = ClusterConfig(workers=2, cpus_per_worker=2, storage=str(tmp_path / "ray"), name="full")
-    fit = threading.Thread(target=lambda: outcome.append(fit_distributed(pixel_config(pixel_store, **{
-        "run.steps": 4, "run.log_every": 2}), cluster)), daemon=True)
-    fit.start()
-    fit.join(timeout=240)
-    assert not fit.is_alive(), "a streamed run whose workers hold all 4 CPUs hung: its reads found no CPU"
-    assert outcome and outcome[0].error is None, outcome
-    assert outcome[0].metrics["step"] == 4
 
 
 def _private_rss_mb(pid: int) -> float | None:
@@ -260,12 +259,7 @@ def test_a_tune_trial_reserving_every_cpu_streams_its_store_as_a_plain_run_does(
     spec = TrialSpec("lmd_cosine", cfg, Placement(cpus=4))
     tuner = tune.Tuner(tune.with_resources(run_trial, trial_resources), param_space={"trial": spec.to_dict()},
                        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="streamed"))
-    outcome: list = []
-    fit = threading.Thread(target=lambda: outcome.append(tuner.fit()), daemon=True)
-    fit.start()
-    fit.join(timeout=240)
-    assert not fit.is_alive(), "a streamed trial holding all 4 CPUs hung: its reads found no CPU"
-    (result,) = outcome[0]
+    (result,) = finished_within(240, tuner.fit)
     assert result.error is None, result.error
     engine = local_engine(cfg, tmp_path / "plain")
     engine.fit()
