@@ -6,7 +6,7 @@
 #   3. with ABLATION=1 only: the ablation's exact trials through the engine at the probe-separating budget.
 #   4. the projector's encode rate at 128 px, one process (issue 12's GPU figure; the pipeline needs Ray).
 #   5. tests/test_gpu.py: pinned host batches, CUDA graphs in the real loop, resume on CUDA (skipped on CPU).
-# Each part has its own time limit; their sum (2 x 125 + 90 + 100 + 45 + 75 s = 560 s; +5 min with ABLATION=1)
+# Each part has its own time limit; their sum (2 x 120 + 90 + 95 + 45 + 100 s = 570 s; +5 min with ABLATION=1)
 # bounds the whole, under the device tool's 10 minutes a command.
 #
 #   bash benchmarks/gpu_prepare.sh                                    # here first: foolbox's wheel, Fashion-MNIST
@@ -16,7 +16,7 @@
 # (tests/test_device_rehearsal.py runs these scripts with those imports blocked).
 #
 # Writes its outputs under $OUT (default runs/gpu-session): device.txt, step-b<batch>.json, step.txt, loop.txt,
-# precompute.txt, gpu-tests.txt; with ABLATION=1 ablation.txt, ablation/results.parquet.
+# precompute.txt, gpu-tests.txt (-v: each test as it ends, kept if the part times out); with ABLATION=1 ablation.txt, ablation/results.parquet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -46,18 +46,20 @@ fi
 
 for batch in $BATCHES; do
   # The official rows (ViT-B, fp16 eager, 40 steps) add seconds, not minutes: most of this limit is compilation.
-  timeout 125 $PY benchmarks/step_speed.py --presets $PRESETS --batch-size "$batch" --steps 30 --warmup 10 \
+  timeout 120 $PY benchmarks/step_speed.py --presets $PRESETS --batch-size "$batch" --steps 30 --warmup 10 \
     $COMPILE $OFFICIAL --device "$DEVICE" --json "$OUT/step-b$batch.json" | tee -a "$OUT/step.txt" || echo "step_speed b$batch: exit $?" | tee -a "$OUT/step.txt"
 done
 timeout 90 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" | tee "$OUT/loop.txt" || echo "loop_speed: exit $?" | tee -a "$OUT/loop.txt"
 # The same loop with CUDA graphs (one per visible-token count; the loop's latents live on the GPU either way).
-timeout 100 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" $GRAPHS --profile-steps 0 | tee -a "$OUT/loop.txt" \
+timeout 95 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" $GRAPHS --profile-steps 0 | tee -a "$OUT/loop.txt" \
   || echo "loop_speed graphs: exit $?" | tee -a "$OUT/loop.txt"
 # Issue 12: the shipped projector's encode rate at 128 px on this GPU (the one-process path; no Ray here).
 timeout 45 $PY benchmarks/precompute.py --one-process --device "$DEVICE" $PRECOMPUTE --profile | tee "$OUT/precompute.txt" \
   || echo "precompute: exit $?" | tee -a "$OUT/precompute.txt"
-# What only a GPU shows, as assertions: pinned batches, CUDA graphs in Engine.fit, bit-exact resume on CUDA.
-timeout 75 $PY -m pytest -q -p no:cacheprovider -n 0 -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.txt" \
+# What only a GPU shows, as assertions: pinned batches, bit-exact resume on CUDA, CUDA graphs in Engine.fit (last:
+# it compiles).
+timeout 100 $PY -m pytest -v -p no:cacheprovider -n 0 -rs tests/test_gpu.py 2>&1 \
+  | tee "$OUT/gpu-tests.txt" \
   || echo "tests/test_gpu.py: exit $?" | tee -a "$OUT/gpu-tests.txt"
 if [[ "${ABLATION:-0}" == "1" ]]; then
   timeout 300 $PY benchmarks/ablation_engine.py --device "$DEVICE" $ABL --out "$OUT/ablation" | tee "$OUT/ablation.txt" \

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmd.checkpoint import adopt_checkpoint, read_manifest, resume_point, set_aside
-from lmd.config import ClusterConfig, ConfigError, TrainConfig
+from lmd.config import ClusterConfig, TrainConfig
 from lmd.data.latents import prepare_data
 from lmd.engine import CHECKPOINT_DIR, Engine
 from lmd.io import storage_uri
@@ -111,15 +111,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _check_lanes(cfg: TrainConfig, cluster: ClusterConfig) -> None:
-    """A streamed run's workers each read whole lanes. (Their reads need no free CPU: a worker's read tasks
-    ask for none, since it runs in a placement group; `lmd.data.stream.reader_cpus`.)"""
-    if cfg.data.batch_size % cfg.data.stream_lanes or cfg.data.stream_lanes % cluster.workers:
-        raise ConfigError(f"data.stream_lanes={cfg.data.stream_lanes}: must divide data.batch_size="
-                          f"{cfg.data.batch_size} and be divisible by --workers={cluster.workers} (the store is "
-                          "streamed: each worker reads whole lanes)")
-
-
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 
 
@@ -173,14 +164,14 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
 
     cluster.validate(cfg)
     if cfg.data.dataset != "synthetic":
-        from lmd.data.latents import resolve_loader, resolve_store
+        from lmd.data.latents import check_stream_split, resolve_loader, resolve_store
         from lmd.data.store import read_manifest
 
         # Built once and checked against the run (hashed, unless the caller did) before any worker starts.
         root, _ = resolve_store(cfg, verify_checksums=verify_checksums)
         loader = resolve_loader(cfg.data.loader, read_manifest(root / "train"), cfg.data.memory_limit_mb)
-        if loader == "ray":
-            _check_lanes(cfg, cluster)
+        if loader == "ray":  # each worker reads whole lanes (a worker's reads ask for no CPU: reader_options)
+            check_stream_split(cfg, cluster.workers, "--workers")
     storage = storage_uri(cluster.storage)
     name = cluster.name or run_name(cfg)
     fallback = _recover_torn_snapshot(Path(storage) / name) if "://" not in storage else None

@@ -179,7 +179,7 @@ class Engine:
                              f"of {world_size}: build the data with prepare_data(cfg, rank=, world_size=)")
         self.val_latents = data.val
         self.projector, self.val_images, self.probe = data.projector, data.val_images, data.probe
-        place_on_device(self.data, device)  # in-memory latents onto the GPU when they fit (lmd.speed)
+        place_on_device(self.data, device)  # latents onto the GPU when they fit, else pinned batches (lmd.speed)
 
         self.model: MaskedLatentTransformer = initial_model(cfg.model, cfg.run.seed).to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)

@@ -181,6 +181,9 @@ def test_a_trial_spec_is_one_shape_read_back_as_written():
     old = {"cfg": spec.cfg.to_dict(), "variant": "lmd_cosine", "seed": 0, "workers": 1}  # the layout before TrialSpec
     with pytest.raises(TrialSpecError, match="not a TrialSpec"):
         TrialSpec.from_dict(old)
+    assert spec.cfg.data.loader == "auto" and TrialSpec.from_dict(raw).cfg.data.loader == "auto"
+    version_1 = TrialSpec.from_dict({**raw, "version": 1})  # saved before trials kept their loader: memory, as then
+    assert version_1.cfg.data.loader == "memory" and version_1.cfg.model == spec.cfg.model
 
 
 def test_the_search_space_samples_scalars_and_returns_their_trial_spec():

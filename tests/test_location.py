@@ -40,3 +40,15 @@ def test_the_same_key_on_another_endpoint_is_another_location():
     a, b = Location.of(S3.format(port=9000)), Location.of(S3.format(port=9001))
     assert str(a) == str(b) and a != b and a == Location.of(S3.format(port=9000))
     assert Location.of("/x") != Location.of("s3://x?region=us-east-1")
+
+
+def test_a_verified_store_record_belongs_to_one_endpoint():
+    # lmd.data.verified keys what a machine hashed by store, endpoint and manifest: the same key on another
+    # service is another store, hashed on its own.
+    from lmd.data import verified
+
+    manifest = {"shards": [{"file": "shard-00000.parquet", "sha256": "ab"}]}
+    a, b = Location.of(S3.format(port=9000)), Location.of(S3.format(port=9001))
+    assert verified._record_path(a, manifest) != verified._record_path(b, manifest)
+    assert verified._record_path(a, manifest) == verified._record_path(Location.of(S3.format(port=9000)), manifest)
+    assert verified._record_path(a, manifest) != verified._record_path(a, {**manifest, "count": 2})

@@ -151,7 +151,7 @@ def test_an_s3_store_is_hashed_once_per_machine_until_an_object_changes(stores, 
     from lmd.data import verified
 
     monkeypatch.setenv("LMD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(verified, "SETTLE_SECONDS", 2.0)  # S3 times are whole seconds; production waits 60 s
+    monkeypatch.setattr(verified, "SETTLE_SECONDS", 4.0)  # S3 times are whole seconds; production waits 60 s
     source, copy = Location.of(stores["s3"]) / "train", Location.of(s3("verified")) / "train"
     for name in source.names():
         (copy / name).write_bytes((source / name).read_bytes())
@@ -162,7 +162,7 @@ def test_an_s3_store_is_hashed_once_per_machine_until_an_object_changes(stores, 
 
     validate_store(copy)  # written a moment ago: hashed, not yet recorded (a same-second rewrite would hide)
     assert len(hashed) == shards and not list((tmp_path / "cache").rglob("*.json"))
-    time.sleep(2.1)
+    time.sleep(4.1)
     validate_store(copy)
     validate_store(copy)
     assert len(hashed) == 2 * shards  # the settled store was hashed once more, then recorded and trusted

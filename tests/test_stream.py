@@ -171,7 +171,7 @@ def finished_within(seconds: float, fit):
 
 def test_two_workers_streaming_their_lanes_compute_the_single_process_update(ray_session, pixel_store, tmp_path):
     # The two workers hold all 4 CPUs of this Ray: Ray Data's read tasks do not run in the workers' placement
-    # group, and had they asked for a CPU they would wait forever for one outside it (`reader_cpus`).
+    # group, and had they asked for a CPU they would wait forever for one outside it (`reader_options`).
     cfg = pixel_config(pixel_store, **{"run.steps": 16})
     cluster = ClusterConfig(workers=2, cpus_per_worker=2, storage=str(tmp_path / "ray"), name="stream2")
     result = finished_within(240, lambda: fit_distributed(cfg, cluster))
@@ -291,3 +291,14 @@ def test_a_search_on_a_store_made_for_another_model_stops_before_any_trial(pixel
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("search: error: ") and str(pixel_store) in line and "projector" in line, line
+
+
+def test_an_experiment_refuses_a_store_its_trials_would_stream_but_cannot_split(pixel_store):
+    # `auto` streams a store larger than data.memory_limit_mb; the experiment's driver resolves that once and
+    # refuses a split the trials could not take, before any trial starts (not in every trial, after it has).
+    from lmd.experiments.driver import build_stores
+
+    cfg = pixel_config(pixel_store, **{"data.loader": "auto", "data.memory_limit_mb": 0, "data.batch_size": 12})
+    build_stores([cfg], "val_psnr", "--metric", workers=1)  # 12 items = 4 lanes x 3: fine for one worker
+    with pytest.raises(ConfigError, match=r"stream_lanes=4: .* divisible by --workers-per-trial=3"):
+        build_stores([cfg], "val_psnr", "--metric", workers=3)

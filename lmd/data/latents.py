@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmd.config import TrainConfig
+from lmd.config import ConfigError, TrainConfig
 from lmd.data.images import image_source
 from lmd.data.location import Location
 from lmd.data.memory import InMemoryLatents, synthetic_latents
@@ -137,6 +137,15 @@ def resolve_loader(loader: str, manifest: dict[str, Any], memory_limit_mb: int) 
         return loader
     decoded_mb = manifest["count"] * math.prod(manifest["latent_shape"]) * 4 / 2**20
     return "memory" if decoded_mb <= memory_limit_mb else "ray"
+
+
+def check_stream_split(cfg: TrainConfig, workers: int, workers_flag: str) -> None:
+    """A streamed run's batch takes whole lanes, and each of its `workers` reads whole lanes (ConfigError)."""
+    d = cfg.data
+    if d.batch_size % d.stream_lanes or d.stream_lanes % workers:
+        raise ConfigError(f"data.stream_lanes={d.stream_lanes}: must divide data.batch_size={d.batch_size} and be "
+                          f"divisible by {workers_flag}={workers} (the store is streamed: each worker reads whole "
+                          "lanes)")
 
 
 def synthetic_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:

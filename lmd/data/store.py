@@ -226,7 +226,7 @@ def validate_store(store_dir: Where, *, projector: dict | None = None, latent_sh
     hash_shards = verify_checksums and not verified_before(root, manifest, stamps)  # an S3 store: once per machine
     for k, shard in enumerate(manifest["shards"]):
         file = root / shard["file"]
-        size = file.size()
+        size = stamps[k][1] if stamps else file.size()  # one metadata request per object, not two
         if size != shard["bytes"]:
             raise StoreError(f"{file}: bytes: truncated or overwritten: {size} bytes, manifest says {shard['bytes']}")
         if hash_shards:

@@ -103,18 +103,23 @@ def _shard_rows(path: Location, rows: int, first: int, width: int, size: int) ->
                          offset=column.offset * width).reshape(rows, width)
 
 
-def reader_cpus() -> float:
-    """CPUs each read task asks for: none inside a placement group (a Tune trial, a Ray Train worker), one elsewhere.
+def reader_options() -> dict[str, Any]:
+    """Ray options of each read task: one CPU anywhere, or, inside a placement group (a Tune trial, a Ray
+    Train worker), no CPU and this node.
 
     Ray Data's tasks do not run in the bundles of the placement group they are started from (Ray 2.60:
     a trial reserving [{CPU: 1}, {CPU: 1}] on a 2-CPU Ray left its read task pending with the second
     bundle idle). A reader asking for a CPU then waits for one outside every group, which never comes
     when trials or workers hold them all. So there the group's own CPUs pay for its reads: the readers
-    (`readers` per stream, I/O and a byte copy each) run beside the process that reserved them.
+    (`readers` per stream: I/O and a byte copy each) ask for none and are held to the node of the
+    process that reserved them (Ray's default `ray.io/node-id` label), not spread onto CPUs other
+    trials hold.
     """
-    import ray.util
+    import ray
 
-    return 0.0 if ray.util.get_current_placement_group() is not None else 1.0
+    if ray.util.get_current_placement_group() is None:
+        return {"num_cpus": 1}
+    return {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 
 def _read_window(task: dict[str, np.ndarray], root: Location, plan: StreamPlan, lanes: range,
@@ -221,7 +226,7 @@ class RayLatentStream:
         # A few windows in flight, whatever the store's size: this bounds the rank's memory.
         ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
             object_store_memory=(self.readers + 2) * window_bytes)
-        ds = ds.map_batches(_read_window, batch_size=1, batch_format="numpy", num_cpus=reader_cpus(),
+        ds = ds.map_batches(_read_window, batch_size=1, batch_format="numpy", **reader_options(),
                             compute=ray.data.TaskPoolStrategy(size=self.readers),
                             fn_kwargs={"root": self.store_dir, "plan": self.plan, "lanes": self.lanes,
                                        "shards": self.manifest["shards"], "width": self.width})

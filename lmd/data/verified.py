@@ -54,8 +54,16 @@ def shard_stamps(root: Location, manifest: dict[str, Any]) -> tuple[Stamps | Non
     return stamps, read_at
 
 
+def _endpoint(root: Location) -> list[Any]:
+    """Which service the store lives on: the same `s3://bucket/key` on two endpoints is two stores."""
+    fs = root.filesystem
+    args = fs.__reduce__()[1]  # pyarrow pickles a filesystem by its options
+    options = args[0] if args and isinstance(args[0], dict) else {}
+    return [fs.type_name, *(str(options.get(k, "")) for k in ("endpoint_override", "region", "scheme"))]
+
+
 def _record_path(root: Location, manifest: dict[str, Any]) -> Path:
-    key = hashlib.sha256(json.dumps([str(root), manifest], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([str(root), _endpoint(root), manifest], sort_keys=True).encode()).hexdigest()
     return cache_root() / "verified" / f"{key[:32]}.json"
 
 
@@ -67,7 +75,7 @@ def verified_before(root: Location, manifest: dict[str, Any], stamps: Stamps | N
         record = json.loads(_record_path(root, manifest).read_text())
     except (OSError, ValueError):
         return False
-    return record.get("store") == str(root) and [tuple(s) for s in record.get("stamps", [])] == stamps
+    return [tuple(s) for s in record.get("stamps", [])] == stamps
 
 
 def record_verified(root: Location, manifest: dict[str, Any], stamps: Stamps | None, read_at: int) -> bool:

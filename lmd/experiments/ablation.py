@@ -140,7 +140,7 @@ def plan_ablation(spec: AblationSpec, exp: ExperimentSpec) -> AblationPlan:
 
     placement = exp.placement()
     seed0 = [variant_config(spec, name, steps=1, seed=0, device=placement.device) for name in spec.variants]
-    build_stores(seed0, spec.target_metric, "--target-metric")  # once here, not by every trial
+    build_stores(seed0, spec.target_metric, "--target-metric", placement.workers)  # once here, not by every trial
     # A resumed experiment keeps the steps it started with (a time budget's measured rates vary).
     steps = (saved_steps(exp.folder) if exp.resume else None) or budget_steps(spec, placement)
     trials = trial_specs(spec, steps, placement)

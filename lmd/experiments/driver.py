@@ -194,9 +194,11 @@ def check_start(exp: ExperimentSpec, flags: Mapping[str, Any], defining: Sequenc
                            "original ones or choose another --name")
 
 
-def build_stores(configs: Iterable[TrainConfig], metric: str, metric_flag: str) -> None:
-    """Build (or reuse) each store once, here, not in every trial; refuse a probe metric on unlabelled data."""
-    from lmd.data.latents import probe_set, resolve_store
+def build_stores(configs: Iterable[TrainConfig], metric: str, metric_flag: str, workers: int = 1) -> None:
+    """Build (or reuse) each store once, here, not in every trial; refuse a probe metric on unlabelled data,
+    and a streamed store whose lanes the batch or a trial's `workers` cannot split (before any trial starts)."""
+    from lmd.data.latents import check_stream_split, probe_set, resolve_loader, resolve_store
+    from lmd.data.store import read_manifest
 
     first = {}  # one config per projector: the store depends on the data and the projector only
     for cfg in configs:
@@ -204,6 +206,8 @@ def build_stores(configs: Iterable[TrainConfig], metric: str, metric_flag: str) 
     for projector in sorted(first):
         cfg = first[projector]
         root, _ = resolve_store(cfg)
+        if resolve_loader(cfg.data.loader, read_manifest(root / "train"), cfg.data.memory_limit_mb) == "ray":
+            check_stream_split(cfg, workers, "--workers-per-trial")
         if metric == "val_probe_acc" and probe_set(root, cfg.data.num_probe) is None:
             raise ConfigError(f"{metric_flag} val_probe_acc: the {cfg.data.dataset!r} store {root} is unlabelled or "
                               "--num-probe is 0; use a labelled dataset (fashion-mnist, mnist, class subfolders) or "

@@ -51,7 +51,7 @@ def search_base(base: TrialBase, placement: Placement, steps: int, eval_every: i
     """The fixed part of every sampled trial's TrainConfig, as dotted overrides; its store is built here, once."""
     overrides = {**base.overrides(placement.device), "run.steps": steps, "run.seed": 0, "run.eval_every": eval_every,
                  "run.log_every": eval_every, "run.ckpt_every": eval_every}
-    build_stores([build_config(overrides=overrides)], metric, "--metric")
+    build_stores([build_config(overrides=overrides)], metric, "--metric", placement.workers)
     return overrides
 
 

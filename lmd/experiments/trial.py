@@ -12,8 +12,10 @@ ablation as a grid, the search from its Optuna space); `run_trial`, `trial_resou
   TorchTrainer (lmd.distributed) whose rows reach Tune through TuneReportCallback; the trial holds
   almost nothing itself (TRIAL_DRIVER_CPUS) and Ray Train places the workers.
 
-Either way each process loads the (small, pre-built) latent store into memory once, instead of
-streaming it with Ray Data: read tasks would otherwise wait behind trials that hold every CPU.
+Either way each process gets its data as `data.loader` resolves (`auto`: a store that fits in memory
+is loaded once, a larger one streamed through Ray Data, whose read tasks ride on the trial's or the
+worker's own reservation: `lmd.data.stream.reader_options`). Specs of version 1 (before trials kept
+their loader) always loaded into memory, and still do when such a trial is resumed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from lmd.checkpoint import adopt_checkpoint
 from lmd.config import DATASET_PROJECTORS, DEFAULT_PROJECTOR, PRESETS, ConfigError, TrainConfig
 
 TRIAL_DRIVER_CPUS = 0.01  # a multi-worker trial only drives its TorchTrainer (Ray refuses 0)
-TRIAL_SPEC_VERSION = 1  # "version" in TrialSpec.to_dict(): a config of another shape is refused by name
+TRIAL_SPEC_VERSION = 2  # "version" in TrialSpec.to_dict(): a config of another shape is refused by name
+# Version 1 specs are read too: the same shape, but their trials always loaded the store into memory, so a
+# resumed one keeps doing so (streaming would change its data order mid-run).
+READABLE_SPEC_VERSIONS = (1, TRIAL_SPEC_VERSION)
 
 
 class TrialSpecError(ValueError):
@@ -69,11 +74,13 @@ class TrialSpec:
 
     @classmethod
     def from_dict(cls, raw: Any) -> TrialSpec:
-        if not isinstance(raw, dict) or raw.get("version") != TRIAL_SPEC_VERSION:
+        if not isinstance(raw, dict) or raw.get("version") not in READABLE_SPEC_VERSIONS:
             raise TrialSpecError(f"a trial config that is not a TrialSpec of version {TRIAL_SPEC_VERSION} (an "
                                  "experiment of an older layout?)")
-        return cls(variant=str(raw["variant"]), cfg=TrainConfig.from_dict(raw["cfg"]),
-                   placement=Placement(**raw["placement"]))
+        cfg = TrainConfig.from_dict(raw["cfg"])
+        if raw["version"] == 1:
+            cfg = replace(cfg, data=replace(cfg.data, loader="memory"))
+        return cls(variant=str(raw["variant"]), cfg=cfg, placement=Placement(**raw["placement"]))
 
 
 @dataclass(frozen=True)
@@ -195,7 +202,7 @@ def _run_local_trial(spec: TrialSpec) -> None:
     from lmd.runtime import local_engine
 
     # data.loader as the experiment set it: `auto` holds a small store in memory and streams a large one
-    # through Ray Data, whose reads ride on this trial's reserved CPUs (`lmd.data.stream.reader_cpus`).
+    # through Ray Data, whose reads ride on this trial's reserved CPUs (`lmd.data.stream.reader_options`).
     cfg = replace(spec.cfg, run=replace(spec.cfg.run, keep_last=1))
     tags = trial_tags(spec)
     scratch = Path(tempfile.mkdtemp(prefix="lmd-trial-"))

@@ -1,9 +1,10 @@
 """Imported at start-up by a Python whose PYTHONPATH holds this folder: makes it look like the lent GPU machine.
 
 That machine has torch, pyarrow, pandas, scipy, scikit-image and scikit-learn, but no Ray, Optuna, Plotly,
-diffusers or moto (../shared/ENV.md); Ray's wheel is too large to travel there. Importing one of those
+diffusers or moto (README, "Benchmarks"); Ray's wheel is too large to travel there. Importing one of those
 fails here as it would there, so a benchmark that pulled one in on its way would fail in the test, not in
-a rare minute of lent GPU time.
+a rare minute of lent GPU time. foolbox is missing there too but is not blocked: its wheel travels with the
+session (benchmarks/gpu_prepare.sh), because the bundled photos include its ImageNet JPEGs.
 """
 
 import sys
