@@ -19,7 +19,7 @@
 # precompute.txt, gpu-tests.txt (-v: each test as it ends, kept if the part times out); with ABLATION=1 ablation.txt, ablation/results.parquet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU machine's torch is its plain python3
 OUT=${OUT:-runs/gpu-session}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the GPU machine runs the tree as is: lmd is not pip-installed there
