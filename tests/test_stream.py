@@ -302,3 +302,26 @@ def test_an_experiment_refuses_a_store_its_trials_would_stream_but_cannot_split(
     build_stores([cfg], "val_psnr", "--metric", workers=1)  # 12 items = 4 lanes x 3: fine for one worker
     with pytest.raises(ConfigError, match=r"stream_lanes=4: .* divisible by --workers-per-trial=3"):
         build_stores([cfg], "val_psnr", "--metric", workers=3)
+
+
+def test_read_tasks_ask_for_a_cpu_outside_a_placement_group_and_ride_on_their_node_inside_one(ray_session):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from lmd.data.stream import reader_options
+
+    @ray.remote(num_cpus=1)
+    def options_here() -> tuple[dict, str]:
+        return reader_options(), ray.get_runtime_context().get_node_id()
+
+    outside, _ = ray.get(options_here.remote())
+    assert outside == {"num_cpus": 1}
+    group = placement_group([{"CPU": 1}])
+    ray.get(group.ready())
+    try:
+        inside, node = ray.get(options_here.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_capture_child_tasks=True)).remote())
+    finally:
+        remove_placement_group(group)
+    assert inside == {"num_cpus": 0, "label_selector": {"ray.io/node-id": node}}
