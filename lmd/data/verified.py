@@ -73,9 +73,9 @@ def verified_before(root: Location, manifest: dict[str, Any], stamps: Stamps | N
         return False
     try:
         record = json.loads(_record_path(root, manifest).read_text())
-    except (OSError, ValueError):
+        return [tuple(s) for s in record["stamps"]] == stamps
+    except (OSError, ValueError, TypeError, KeyError):  # unreadable or not a record: hash again
         return False
-    return [tuple(s) for s in record.get("stamps", [])] == stamps
 
 
 def record_verified(root: Location, manifest: dict[str, Any], stamps: Stamps | None, read_at: int) -> bool:
