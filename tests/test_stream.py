@@ -208,10 +208,11 @@ def _peak_worker_memory(cfg, storage: Path, name: str) -> list[float]:
     """Train with 2 workers and return each worker's peak private memory (MiB), sampled from outside."""
     peaks: dict[int, float] = {}
     done = threading.Event()
+    earlier = set(ray_train_workers(os.getpid()))  # a previous run's workers may still be exiting
 
     def sample() -> None:
         while not done.is_set():
-            for pid in ray_train_workers(os.getpid()):  # this test's workers, not another test's beside it
+            for pid in set(ray_train_workers(os.getpid())) - earlier:  # this run's, not another test's beside it
                 rss = _private_rss_mb(pid)
                 if rss is not None:
                     peaks[pid] = max(rss, peaks.get(pid, 0.0))
@@ -226,8 +227,10 @@ def _peak_worker_memory(cfg, storage: Path, name: str) -> list[float]:
         sampler.join()
     assert result.error is None, result.error
     assert result.metrics["step"] == cfg.run.steps
-    assert len(peaks) == 2, peaks
-    return sorted(peaks.values())
+    # The two training workers; a process Ray was still starting or stopping under that name (seen once in CI,
+    # at half a worker's memory) is not one of them.
+    assert len(peaks) >= 2, peaks
+    return sorted(peaks.values())[-2:]
 
 
 def test_workers_memory_does_not_grow_with_the_store(ray_session, tmp_path):
