@@ -147,7 +147,7 @@ def test_killed_driver_resumes_at_the_last_checkpoint(tmp_path):
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["step"] == 600
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
     port = "6391"
     env = {**os.environ, "RAY_BIN": str(Path(sys.executable).parent / "ray")}
@@ -179,6 +179,49 @@ def test_two_workers_train_on_two_nodes_of_a_real_cluster(two_node_cluster, tmp_
     assert ablation.returncode == 0, ablation.stderr[-3000:]
     table = pd.read_parquet(tmp_path / "tune" / "ablation" / "results.parquet")
     assert table["step"].tolist() == [10, 20] and (table["workers"] == 2).all() and (table["num_nodes"] == 2).all()
+
+
+# A driver on the two-node cluster: one placement group holds every CPU of each node, and a task inside each
+# group runs a Ray Data map with the options `RayLatentStream` gives its read tasks (`reader_options`).
+# Prints, per group, the node its task ran on and the nodes its read tasks ran on.
+_READS_IN_GROUPS = """
+import json, sys
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from lmd.data.stream import reader_options
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+cpus = int(sys.argv[2])
+
+def node_of_task(batch):
+    return {"node": np.array([ray.get_runtime_context().get_node_id()] * len(batch["i"]))}
+
+@ray.remote(num_cpus=cpus)
+def reads_from_here():
+    ds = ray.data.from_items([{"i": i} for i in range(8)], override_num_blocks=8)
+    ds = ds.map_batches(node_of_task, batch_size=1, compute=ray.data.TaskPoolStrategy(size=2), **reader_options())
+    return ray.get_runtime_context().get_node_id(), sorted({str(row["node"]) for row in ds.iter_rows()})
+
+groups = [placement_group([{"CPU": cpus}], strategy="STRICT_PACK") for _ in ray.nodes()]
+ray.get([group.ready() for group in groups], timeout=60)
+capture = [PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True) for group in groups]
+print(json.dumps(ray.get([reads_from_here.options(scheduling_strategy=c).remote() for c in capture], timeout=180)))
+"""
+
+
+def test_read_tasks_started_inside_a_placement_group_run_on_its_node(two_node_cluster):
+    # The multi-node half of `reader_options`: with every CPU of both nodes held by placement groups (a
+    # trial or a Train worker per node), read tasks asking for no CPU still run, and each group's reads
+    # run on its own node, not on CPUs another group holds.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _READS_IN_GROUPS, two_node_cluster, "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    placed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len({node for node, _ in placed}) == 2, placed  # one group per node
+    assert all(readers == [node] for node, readers in placed), placed
 
 
 def test_unreachable_address_is_one_clear_line():
