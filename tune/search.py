@@ -105,9 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def experiment(args: argparse.Namespace) -> tuple[ExperimentSpec, TrialBase]:
     """The typed, validated experiment these flags describe (a bad value raises ConfigError naming its flag)."""
-    exp = ExperimentSpec(prog=PROG, name=args.name, storage=args.storage, address=args.address, resume=args.resume,
-                         workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
-                         gpus_per_trial=args.gpus_per_trial)
+    exp = ExperimentSpec.from_flags(PROG, args)
     base = TrialBase.from_flags(args)
     ranges = {"--end-range": args.end_range, "--depth-range": args.depth_range,
               "--decoder-depth-range": args.decoder_depth_range, "--lr-range": args.lr_range}

@@ -68,6 +68,13 @@ class ExperimentSpec:
     cpus_per_trial: float
     gpus_per_trial: float
 
+    @classmethod
+    def from_flags(cls, prog: str, args: Any) -> ExperimentSpec:
+        """The flags `add_shared_flags` defines for where the experiment lives and runs, as both scripts read them."""
+        return cls(prog=prog, name=args.name, storage=args.storage, address=args.address, resume=args.resume,
+                   workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,
+                   gpus_per_trial=args.gpus_per_trial)
+
     @property
     def storage_path(self) -> str:
         return storage_uri(self.storage)
