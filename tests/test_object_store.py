@@ -236,3 +236,18 @@ def test_a_uri_that_cannot_be_used_is_refused_without_showing_secrets(uri, expec
         with pytest.raises(ValueError, match="data.latents") as err:
             build_config(overrides={"data.latents": uri})
         assert "hunter2" not in str(err.value)
+
+
+def test_validating_an_s3_store_lists_its_shards_instead_of_asking_for_each(stores, caplog):
+    # What every Ray Train worker and Tune trial does before it streams (no hashing): sizes come from one
+    # listing of the split instead of two metadata requests per object (was: a HEAD for "is it there", one
+    # for its size, one more to open its footer). Requests are counted in the S3 server's own request log.
+    store = Location.of(stores["s3"]) / "train"
+    shards = [s["file"] for s in read_manifest(store)["shards"]]
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    validate_store(store, verify_checksums=False)
+    requests = [r.getMessage() for r in caplog.records if r.name == "werkzeug"]
+    lists = [r for r in requests if "list-type=2" in r]
+    heads = {name: sum(f'"HEAD /{BUCKET}/store/train/{name} ' in r for r in requests) for name in shards}
+    assert len(shards) >= 3 and len(lists) == 1, requests
+    assert heads == dict.fromkeys(shards, 1), requests  # the one left: pyarrow opening the footer

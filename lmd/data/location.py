@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,19 @@ class Location:
             return sorted(p.name for p in self._local.iterdir()) if self._local.is_dir() else []
         selector = pafs.FileSelector(self._path, allow_not_found=True)
         return sorted(info.base_name for info in self._fs.get_file_info(selector))
+
+    def files(self) -> dict[str, tuple[int, int | None]]:
+        """{name: (bytes, modification time in ns or None)} of the files directly in this folder, from one
+        listing: in an object store one LIST request per 1,000 objects instead of a HEAD per object."""
+        if self._local is not None:
+            if not self._local.is_dir():
+                return {}
+            with os.scandir(self._local) as entries:
+                stats = {e.name: e.stat() for e in entries if e.is_file()}
+            return {name: (st.st_size, st.st_mtime_ns) for name, st in stats.items()}
+        selector = pafs.FileSelector(self._path, allow_not_found=True)
+        return {info.base_name: (int(info.size), info.mtime_ns) for info in self._fs.get_file_info(selector)
+                if info.type == pafs.FileType.File}
 
     def read_bytes(self) -> bytes:
         if self._local is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -218,15 +219,16 @@ def validate_store(store_dir: Where, *, projector: dict | None = None, latent_sh
         problems.append(f"dtype: store has {manifest['dtype']!r}, run expects {dtype!r}")
     if problems:
         raise StoreError(f"{path}: " + "; ".join(problems))
+    read_at = time.time_ns()  # this machine's clock just before the store reported its objects' times
+    listed = root.files()  # sizes and times of every shard in one listing (S3: not a HEAD per object)
     for k, shard in enumerate(manifest["shards"]):
-        file = root / shard["file"]
-        if not file.is_file():
-            raise StoreError(f"{file}: shard missing (manifest shards[{k}].file names it)")
-    stamps, read_at = shard_stamps(root, manifest) if verify_checksums and not root.is_local else (None, 0)
+        if shard["file"] not in listed:
+            raise StoreError(f"{root / shard['file']}: shard missing (manifest shards[{k}].file names it)")
+    stamps = shard_stamps(manifest, listed) if verify_checksums and not root.is_local else None
     hash_shards = verify_checksums and not verified_before(root, manifest, stamps)  # an S3 store: once per machine
     for k, shard in enumerate(manifest["shards"]):
         file = root / shard["file"]
-        size = stamps[k][1] if stamps else file.size()  # one metadata request per object, not two
+        size = listed[shard["file"]][0]
         if size != shard["bytes"]:
             raise StoreError(f"{file}: bytes: truncated or overwritten: {size} bytes, manifest says {shard['bytes']}")
         if hash_shards:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +40,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("LMD_CACHE", Path.home() / ".cache" / "lmd"))
 
 
-def shard_stamps(root: Location, manifest: dict[str, Any]) -> tuple[Stamps | None, int]:
-    """Each shard's (file, size, mtime) as the store reports them (None when it reports no times), and
-    this machine's clock (ns) just before they were read."""
-    read_at = time.time_ns()
-    stamps = []
-    for shard in manifest["shards"]:
-        size, mtime_ns = (root / shard["file"]).stamp()
-        if mtime_ns is None:
-            return None, read_at
-        stamps.append((shard["file"], size, mtime_ns))
-    return stamps, read_at
+def shard_stamps(manifest: dict[str, Any], listed: dict[str, tuple[int, int | None]]) -> Stamps | None:
+    """Each shard's (file, size, mtime) from a listing of its folder (`Location.files`), or None when the
+    store reports no times."""
+    stamps = [(shard["file"], *listed[shard["file"]]) for shard in manifest["shards"]]
+    return None if any(mtime is None for _, _, mtime in stamps) else stamps
 
 
 def _endpoint(root: Location) -> list[Any]:
