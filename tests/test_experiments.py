@@ -393,6 +393,36 @@ def test_search_persists_one_optuna_study_with_each_trial_once(search_run):
     assert set(table["variant"]) == set(table["scheduler"]) <= {"uniform", "piecewise", "cosine", "constant"}
 
 
+def test_search_shows_each_schedulers_best_trial_next_to_its_references(search_run):
+    proc, experiment = search_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_parquet(experiment / "results.parquet")
+    final = table.dropna(subset=["val_probe_acc"]).sort_values("step").groupby("trial_id").tail(1)
+    best = {v: g.sort_values(["val_probe_acc", "trial_id"])["trial_id"].iloc[-1] for v, g in final.groupby("variant")}
+
+    records = json.loads((experiment / "references.json").read_text())["references"]
+    kinds = {(r["variant"], r["reference"]): r for r in records}
+    assert set(kinds) == {(v, ref) for v in best for ref in ("fill", "ceiling", "raw_probe", "random_probe")}
+    assert all(kinds[(v, "random_probe")]["n"] == 3 for v in best)  # three random initialisations of its geometry
+
+    lines = proc.stdout.splitlines()
+    start = lines.index("each scheduler's best trial by val_probe_acc, next to its references:")
+    report = dict(line.strip().split(" ", 1) for line in lines[start + 1:start + 1 + len(best)])
+    assert set(report) == set(best)
+    for variant, text in report.items():
+        row = final.set_index("trial_id").loc[best[variant]]
+        assert text.startswith(f"({best[variant]}): PSNR {row['val_psnr']:.2f} dB"), text
+        rand = kinds[(variant, "random_probe")]
+        below_random = row["val_probe_acc"] <= rand["mean"] + rand["ci95"]
+        below_fill = row["val_psnr"] <= kinds[(variant, "fill")]["mean"]
+        assert ("a random encoder of its geometry" in text) == below_random, text
+        assert ("the no-model fill" in text) == below_fill, text
+        assert text.endswith(": beats every reference") == ("does not beat" not in text), text
+
+    pictures = pd.read_parquet(experiment / "pictures.parquet")  # each scheduler's best trial by the search metric
+    assert dict(pictures.groupby("variant")["trial_id"].first()) == best
+
+
 def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tmp_path):
     """Driver-function pattern: each trial fits a 2-worker TorchTrainer whose rows reach Tune. The driver is
     killed after the Train run's first checkpoint; --resume refits the same run, which continues from it

@@ -13,9 +13,12 @@ the frozen encoder (the paper's measure; default, needs a labelled dataset) or t
 of decoded reconstructions. ASHA stops weak trials early. The space is define-by-run, so
 conditional parameters are real: `constant` (with --include-constant) samples neither a start
 ratio nor a ramp. The Optuna study lives in a journal file next to the Tune results, so a resumed
-search keeps one study. Writes <storage>/<name>/: results.parquet, optuna.journal,
-pictures.parquet (each scheduler's best trial) and dashboard.html. The parts below this script:
-lmd/experiments/ (search.py: checks; trial.py: what a trial is and runs; driver.py: the rest).
+search keeps one study. Each scheduler's best trial is printed next to its references (the no-model
+fill, the projector ceiling, the probe on raw inputs and on random encoders of its sampled geometry),
+saying which it does not beat. Writes <storage>/<name>/: results.parquet, optuna.journal,
+references.json, pictures.parquet (each scheduler's best trial by --metric) and dashboard.html.
+The parts below this script: lmd/experiments/ (search.py: checks and references; trial.py: what a
+trial is and runs; driver.py: the rest).
 """
 
 from __future__ import annotations
@@ -41,8 +44,18 @@ from lmd.experiments.driver import (
     usage_errors,
     write_results,
 )
-from lmd.experiments.search import JOURNAL_FILE, ResumableOptunaSearch, best_trial, check_search, search_base
+from lmd.experiments.results import REFERENCES_FILE
+from lmd.experiments.search import (
+    JOURNAL_FILE,
+    ResumableOptunaSearch,
+    best_trial,
+    check_search,
+    reference_report,
+    search_base,
+    search_references,
+)
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec, concurrent_trials, trial_dirname
+from lmd.io import write_json_atomic
 
 PROG = "search"
 METRICS = ("val_probe_acc", "val_psnr")  # both: higher is better
@@ -142,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     results = fit(exp, new_tuner, vars(args))  # restores the Tuner (and its searcher) with --resume
     table = write_results(results, exp)
     print(best_trial(results, args.metric, MODE))
+    if not table.empty:  # every best trial next to the no-model references (references.json, for the dashboard)
+        references = search_references(results, table, args.metric)
+        write_json_atomic(exp.folder / REFERENCES_FILE, {"references": references})
+        print("\n".join(reference_report(table, args.metric, references)))
     print(f"Optuna study: {exp.folder / JOURNAL_FILE}")
-    return finish(results, table, exp, pick="best")  # pictures of each scheduler's best trial, the dashboard
+    return finish(results, table, exp, pick="best", metric=args.metric)  # each scheduler's best trial's pictures
 
 
 if __name__ == "__main__":

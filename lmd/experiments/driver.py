@@ -278,12 +278,13 @@ def write_results(results: Any, exp: ExperimentSpec) -> pd.DataFrame:
     return table
 
 
-def finish(results: Any, table: pd.DataFrame, exp: ExperimentSpec, pick: str) -> int:
-    """Pictures (`pick`: each variant's median or best trial), the dashboard, and the exit code: 1 if a trial failed."""
+def finish(results: Any, table: pd.DataFrame, exp: ExperimentSpec, pick: str, metric: str = "val_psnr") -> int:
+    """Pictures (`pick`: each variant's median or best trial by `metric`), the dashboard, and the exit code: 1 if a
+    trial failed."""
     from lmd.dashboard.page import render_after_experiment
     from lmd.experiments.pictures import write_pictures
 
-    write_pictures(results, table, exp.folder, pick=pick)
+    write_pictures(results, table, exp.folder, pick=pick, metric=metric)
     render_after_experiment(exp.folder)
     errors = [r.error for r in results if r.error is not None]
     if errors:

@@ -36,12 +36,12 @@ NUM_PICTURES = 4
 MASK_GREY = 0.5
 
 
-def representative_trials(table: pd.DataFrame, pick: str = "median") -> dict[str, str]:
-    """variant -> trial_id of the trial whose final val_psnr is the (lower) median (or the best) of that variant."""
-    final = final_rows(table)
+def representative_trials(table: pd.DataFrame, pick: str = "median", metric: str = "val_psnr") -> dict[str, str]:
+    """variant -> trial_id of the trial whose final `metric` is the (lower) median (or the best) of that variant."""
+    final = final_rows(table).dropna(subset=[metric])
     chosen = {}
     for variant, group in final.groupby("variant"):
-        ordered = group.sort_values(["val_psnr", "trial_id"])
+        ordered = group.sort_values([metric, "trial_id"])
         chosen[str(variant)] = str(ordered["trial_id"].iloc[(len(ordered) - 1) // 2 if pick == "median" else -1])
     return chosen
 
@@ -93,13 +93,14 @@ def _checkpoint_path(result: Any) -> str | None:
     return (result.metrics or {}).get("checkpoint_path")
 
 
-def pictures_table(results: Any, table: pd.DataFrame, num: int = NUM_PICTURES, pick: str = "median") -> pd.DataFrame:
+def pictures_table(results: Any, table: pd.DataFrame, num: int = NUM_PICTURES, pick: str = "median",
+                   metric: str = "val_psnr") -> pd.DataFrame:
     """One row per picture: variant, trial_id, seed, kind, index, psnr, png."""
     from ray import tune
 
     paths = {trial_id_of(r): _checkpoint_path(r) for r in results if r.path}
     rows = []
-    for variant, trial_id in representative_trials(table, pick).items():
+    for variant, trial_id in representative_trials(table, pick, metric).items():
         path = paths.get(trial_id)
         if path is None:
             log.warning("pictures: trial %s (%s) has no checkpoint; skipped", trial_id, variant)
@@ -116,10 +117,11 @@ def pictures_table(results: Any, table: pd.DataFrame, num: int = NUM_PICTURES, p
     return pd.DataFrame(rows)
 
 
-def write_pictures(results: Any, table: pd.DataFrame, experiment: Path, pick: str = "median") -> Path | None:
+def write_pictures(results: Any, table: pd.DataFrame, experiment: Path, pick: str = "median",
+                   metric: str = "val_psnr") -> Path | None:
     """Best effort: a failure here (e.g. a checkpoint on unreachable storage) must not lose the results."""
     try:
-        pictures = pictures_table(results, table, pick=pick)
+        pictures = pictures_table(results, table, pick=pick, metric=metric)
     except Exception as err:  # noqa: BLE001 - reported, and the dashboard says pictures are missing
         log.warning("pictures: not made (%s: %s)", type(err).__name__, err)
         print(f"pictures: not made ({type(err).__name__}: {err})")

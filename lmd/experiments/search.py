@@ -1,4 +1,5 @@
-"""The search below tune/search.py: its checks, the fixed part of every sampled trial, the best trial's line.
+"""The search below tune/search.py: its checks, the fixed part of every sampled trial, the best trial's line
+and each scheduler's best trial next to its references.
 
 tune/search.py holds the flags, the Optuna define-by-run space and the Tuner (OptunaSearch with
 TPE, ASHA). The Optuna study lives in a journal file next to the Tune results (JOURNAL_FILE), so
@@ -15,14 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
 from lmd.config import ConfigError
 from lmd.config_build import build_config
 from lmd.experiments.driver import ExperimentSpec, build_stores
-from lmd.experiments.trial import Placement, TrialBase
+from lmd.experiments.pictures import representative_trials
+from lmd.experiments.results import final_rows, reference_columns, trial_id_of
+from lmd.experiments.summary import beats
+from lmd.experiments.trial import Placement, TrialBase, TrialSpec
 
 JOURNAL_FILE = "optuna.journal"
+# Random initialisations of a best trial's encoder probed for its reference: enough for an interval.
+REFERENCE_SEEDS = (0, 1, 2)
 # Range flag -> (lowest LOW, highest HIGH, LOW must be > 0): ratios and learning rates are positive.
 RANGE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "--end-range": (0.0, 1.0, True), "--depth-range": (1, 64, False), "--decoder-depth-range": (1, 64, False),
@@ -113,3 +120,41 @@ class ResumableOptunaSearch(OptunaSearch):
 def _tune_state_text(folder: Path) -> str:
     """The text of Tune's saved experiment state in `folder` (every trial it will resume is named there)."""
     return "".join(path.read_text(errors="replace") for path in sorted(folder.glob("experiment_state-*.json")))
+
+
+def search_references(results: Any, table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
+    """lmd.experiments.references records for each scheduler's best trial (by `metric`), keyed by the
+    scheduler: the fill at its patch grid, the projector ceiling, the probe on raw inputs and on random
+    encoders of the best trial's sampled geometry (REFERENCE_SEEDS initialisations)."""
+    from lmd.experiments.references import compute_references
+
+    specs = {trial_id_of(r): TrialSpec.from_dict(r.config["trial"]) for r in results
+             if r.path and r.config and "trial" in r.config}
+    chosen = representative_trials(table, "best", metric)
+    return compute_references({scheduler: specs[t].cfg for scheduler, t in chosen.items() if t in specs},
+                              seeds=REFERENCE_SEEDS)
+
+
+def reference_report(table: pd.DataFrame, metric: str, references: list[dict[str, Any]]) -> list[str]:
+    """Each scheduler's best trial next to its references, and in words which references it does not beat.
+
+    A single trial has no interval of its own: it beats a reference when it lies above the reference's
+    interval (the random encoders' 95% interval; the fill, ceiling and raw probe are exact)."""
+    final = final_rows(table).set_index("trial_id")
+    refs = reference_columns(references).set_index("variant") if references else pd.DataFrame()
+    lines = [f"each scheduler's best trial by {metric}, next to its references:"]
+    for scheduler, trial_id in sorted(representative_trials(table, "best", metric).items()):
+        row, ref = final.loc[trial_id], (refs.loc[scheduler] if scheduler in refs.index else pd.Series(dtype=float))
+        psnr, probe = float(row["val_psnr"]), float(row.get("val_probe_acc", math.nan))
+        fill, ceiling = float(ref.get("fill_psnr", math.nan)), float(ref.get("ceiling_psnr", math.nan))
+        raw, rand = float(ref.get("raw_probe_acc", math.nan)), float(ref.get("random_probe_acc", math.nan))
+        rand_half = float(ref.get("random_probe_acc_ci95", 0.0))
+        text = f"  {scheduler} ({trial_id}): PSNR {psnr:.2f} dB (no-model fill {fill:.2f}, ceiling {ceiling:.2f})"
+        if not math.isnan(probe):
+            text += f"; probe {probe:.3f} (random encoder {rand:.3f} ± {rand_half:.3f}, raw inputs {raw:.3f})"
+        misses = [name for name, verdict in (
+            ("the no-model fill", beats(psnr, 0.0, fill, 0.0)),
+            ("a random encoder of its geometry", beats(probe, 0.0, rand, rand_half)),
+            ("the probe on raw inputs", beats(probe, 0.0, raw, 0.0))) if verdict == "no"]
+        lines.append(text + (f": does not beat {', '.join(misses)}" if misses else ": beats every reference"))
+    return lines

@@ -98,7 +98,7 @@ def speedup(base: pd.Series, variant: pd.Series) -> tuple[float, float, float]:
     return float(np.exp(diff)), float(np.exp(diff - half)), float(np.exp(diff + half))
 
 
-def _beats(mean: float, half: float, ref: float, ref_half: float, higher: bool = True) -> str:
+def beats(mean: float, half: float, ref: float, ref_half: float, higher: bool = True) -> str:
     """'yes' when the variant's interval lies entirely beyond the reference's, 'no' otherwise, 'n/a' without data."""
     if any(isinstance(x, float) and math.isnan(x) for x in (mean, ref)):
         return "n/a"
@@ -158,7 +158,7 @@ def summarize(table: pd.DataFrame, baseline: str = BASELINE, target_metric: str 
                     "beats_random_probe": ("probe_acc", "random_probe_acc")}
         for verdict, (mine, ref) in verdicts.items():
             if ref in summary:
-                summary[verdict] = [_beats(r[mine], r[f"{mine}_ci95"], r[ref], r.get(f"{ref}_ci95", 0.0))
+                summary[verdict] = [beats(r[mine], r[f"{mine}_ci95"], r[ref], r.get(f"{ref}_ci95", 0.0))
                                     for r in summary.to_dict("records")]
     summary = summary.sort_values("variant", ignore_index=True)
     summary.attrs.update({"target": target, "target_metric": target_metric, "baseline": baseline})
