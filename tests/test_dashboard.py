@@ -402,6 +402,9 @@ def test_search_dashboard_renders_the_study_panels(search_run, tmp_path):
     assert sorted(page.figures["fig-schedules"]["trace_points"]).count(21) == 4
     metric = json.loads((experiment / "args.json").read_text()).get("metric", "val_psnr")
     assert {"val_probe_acc": "held-out linear-probe accuracy", "val_psnr": "held-out PSNR (dB)"}[metric] in page.text
+    # each scheduler's best-trial references (references.json) drawn as lines, and the caption says whose they are
+    assert "no-model fill" in page.text and "random-encoder probe" in page.text  # legends: SVG text counts
+    assert "A search's references are each scheduler's" in page.text
 
 
 def test_cli_writes_a_page_to_out_and_reads_results_only(ablation_run, tmp_path):

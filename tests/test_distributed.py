@@ -185,7 +185,7 @@ def test_two_workers_train_on_two_nodes_of_a_real_cluster(two_node_cluster, tmp_
 # group runs a Ray Data map with the options `RayLatentStream` gives its read tasks (`reader_options`).
 # Prints, per group, the node its task ran on and the nodes its read tasks ran on.
 _READS_IN_GROUPS = """
-import json, sys
+import json, sys, time
 import numpy as np
 import ray
 from ray.util.placement_group import placement_group
@@ -204,8 +204,12 @@ def reads_from_here():
     ds = ds.map_batches(node_of_task, batch_size=1, compute=ray.data.TaskPoolStrategy(size=2), **reader_options())
     return ray.get_runtime_context().get_node_id(), sorted({str(row["node"]) for row in ds.iter_rows()})
 
-groups = [placement_group([{"CPU": cpus}], strategy="STRICT_PACK") for _ in ray.nodes()]
-ray.get([group.ready() for group in groups], timeout=60)
+nodes = [node for node in ray.nodes() if node["Alive"]]
+deadline = time.monotonic() + 120  # the previous test's jobs may still be handing their CPUs back
+while ray.available_resources().get("CPU", 0) < cpus * len(nodes) and time.monotonic() < deadline:
+    time.sleep(0.5)
+groups = [placement_group([{"CPU": cpus}], strategy="STRICT_PACK") for _ in nodes]
+ray.get([group.ready() for group in groups], timeout=120)
 capture = [PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True) for group in groups]
 print(json.dumps(ray.get([reads_from_here.options(scheduling_strategy=c).remote() for c in capture], timeout=180)))
 """

@@ -278,9 +278,8 @@ def load_experiment(path: str | Path) -> Experiment:
     kind = experiment_kind(table, args, study)
     if kind == "search" and study is None:
         notes.append(f"no {JOURNAL_FILE} next to the results: the Optuna study panels are not shown.")
-    references, budget = [], None
+    references, budget = read_references(root / REFERENCES_FILE), None  # a search's: per scheduler's best trial
     if kind == "ablation":
-        references = read_references(root / REFERENCES_FILE)
         if not references:
             notes.append(f"no {REFERENCES_FILE} next to the results (an experiment from before references): the "
                          "no-model fill, projector ceiling and probe references are not drawn, and no variant is "

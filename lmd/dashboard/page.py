@@ -111,8 +111,9 @@ def curve_panels(exp: Experiment, summary: pd.DataFrame | None) -> list[Panel]:
             what += (" Probe panel: the probe on raw inputs (dashed) and on a randomly initialised encoder (dotted, "
                      "95% band over seeds).")
         if search:
+            inits = max((r["n"] for r in exp.references if r["reference"] == "random_probe"), default=0)
             what += (" A search's references are each scheduler's, computed for the geometry (depths) of its best "
-                     "trial; its random-encoder band is over three initialisations.")
+                     f"trial; its random-encoder band is over {inits} initialisations.")
     if not math.isnan(a.get("target", float("nan"))):
         what += (f" Thick black dash-dot: the target ({a['target_metric']} = {a['target']:.4g}, {a['baseline']}'s mean "
                  "final value).")

@@ -178,9 +178,16 @@ class Location:
         if self._local is not None:
             if not self._local.is_dir():
                 return {}
+            found = {}
             with os.scandir(self._local) as entries:
-                stats = {e.name: e.stat() for e in entries if e.is_file()}
-            return {name: (st.st_size, st.st_mtime_ns) for name, st in stats.items()}
+                for entry in entries:
+                    try:
+                        if entry.is_file():
+                            st = entry.stat()
+                            found[entry.name] = (st.st_size, st.st_mtime_ns)
+                    except FileNotFoundError:  # renamed away since the listing (a writer's temp file)
+                        continue
+            return found
         selector = pafs.FileSelector(self._path, allow_not_found=True)
         return {info.base_name: (int(info.size), info.mtime_ns) for info in self._fs.get_file_info(selector)
                 if info.type == pafs.FileType.File}

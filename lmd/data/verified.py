@@ -13,8 +13,9 @@ objects whole), whereas a local file can rot or be patched in place under an unc
 stores are hashed every time. A record is one small JSON file under `$LMD_CACHE/verified/`, written
 atomically; an unreadable record counts as absent.
 
-Object stores report modification times in whole seconds, from their own clock: an object replaced
-within the same second, at the same size, would show the same stamp. So a store is recorded only when
+Stamps come from a listing of the store's folder (`Location.files`). Object stores report modification
+times from their own clock, in whole seconds (S3's HEAD; listings may add milliseconds): an object
+replaced within the same second, at the same size, could show the same stamp. So a store is recorded only when
 each shard's time is `SETTLE_SECONDS` older than the moment its stamps were read (on this machine's
 clock, allowing for skew): any replacement after that moment carries a later time. A store written a
 moment ago is therefore hashed again on its next use, and recorded once it has settled.

@@ -69,7 +69,7 @@ class ExperimentSpec:
     gpus_per_trial: float
 
     @classmethod
-    def from_flags(cls, prog: str, args: Any) -> ExperimentSpec:
+    def from_flags(cls, prog: str, args: argparse.Namespace) -> ExperimentSpec:
         """The flags `add_shared_flags` defines for where the experiment lives and runs, as both scripts read them."""
         return cls(prog=prog, name=args.name, storage=args.storage, address=args.address, resume=args.resume,
                    workers_per_trial=args.workers_per_trial, cpus_per_trial=args.cpus_per_trial,

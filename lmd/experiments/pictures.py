@@ -38,7 +38,7 @@ MASK_GREY = 0.5
 
 def representative_trials(table: pd.DataFrame, pick: str = "median", metric: str = "val_psnr") -> dict[str, str]:
     """variant -> trial_id of the trial whose final `metric` is the (lower) median (or the best) of that variant."""
-    final = final_rows(table).dropna(subset=[metric])
+    final = final_rows(table, metric)
     chosen = {}
     for variant, group in final.groupby("variant"):
         ordered = group.sort_values([metric, "trial_id"])

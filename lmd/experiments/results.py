@@ -75,9 +75,9 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
         pq.write_table(arrow, tmp)
 
 
-def final_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The last evaluated row of every trial."""
-    return table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
+def final_rows(table: pd.DataFrame, metric: str = "val_psnr") -> pd.DataFrame:
+    """The last row of every trial that recorded `metric` (its last evaluation)."""
+    return table.dropna(subset=[metric]).sort_values("step").groupby("trial_id").tail(1)
 
 
 def interval(values: pd.Series) -> tuple[float, float]:
