@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from lmd.experiments.results import COLUMNS
-from lmd.experiments.summary import crossing, log_interval, speedup, summarize
+from lmd.experiments.summary import crossing, log_interval, speedup, summarize, verdicts
 from tests.conftest import SMALL_RUN, SMALL_SEARCH, run_tune_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,6 +106,14 @@ def test_summary_statistics_and_time_to_target_at_equal_compute():
     assert summary.loc["lmd_cosine", "censoring"] == "lower"
     # References: lmd (14.5 +- 6.4) does not beat a 12.9 dB fill with non-overlapping intervals.
     assert summary.loc["lmd_cosine", "fill_psnr"] == 12.9 and summary.loc["lmd_cosine", "beats_fill"] == "no"
+    # The target (12.5 dB) lies below the fill (12.9 dB): reaching it shows no learning, and the summary says so
+    # (for the variant; the baseline's own target is its "does not beat" verdict).
+    said = verdicts(summarize(pd.DataFrame(rows), references=refs))
+    assert [v for v in said if "is within or below" in v] == [
+        "lmd_cosine: the target 12.500 is within or below its no-model fill (12.900): reaching it does not show "
+        "learning, so its time-to-target measures where its input space starts, not a speed-up"]
+    low_fill = [{**r, "mean": 12.4} for r in refs]  # a target above the reference: nothing to say
+    assert not [v for v in verdicts(summarize(pd.DataFrame(rows), references=low_fill)) if "is within or below" in v]
 
 
 def test_time_intervals_are_positive_and_speedups_are_ratios_of_geometric_means():

@@ -223,6 +223,8 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
         if r.get("beats_raw_probe") == "no":
             out.append(f"{r['variant']}: probe accuracy {r['probe_acc']:.3f} does not beat the probe on raw inputs "
                        f"({r['raw_probe_acc']:.3f})")
+        if r["variant"] != summary.attrs.get("baseline"):
+            out += _target_not_learnt(r, summary.attrs)
         lo, hi = r.get("speedup_tflops_lo", float("nan")), r.get("speedup_tflops_hi", float("nan"))
         if r["variant"] != summary.attrs.get("baseline") and not math.isnan(lo):
             where = ("below 1x (slower than the baseline)" if hi < 1 else "above 3x" if lo > 3 else
@@ -242,3 +244,25 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
             out.append(f"{r['variant']}: no FLOPs speedup interval: it needs >= 2 seeds reaching the target on both "
                        f"sides ({r['variant']} {r['reached_target']}, {base} {base_reached})")
     return out
+
+
+# target metric -> (the no-model reference a target must clear to show learning, its half-width, its name)
+TARGET_REFERENCES = {"val_probe_acc": ("random_probe_acc", "random_probe_acc_ci95", "its random encoder's probe"),
+                     "val_psnr": ("fill_psnr", "", "its no-model fill")}
+
+
+def _target_not_learnt(row: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
+    """A sentence when the target lies within (or below) the variant's no-model reference: reaching it then
+    shows where the variant's input space starts (raw latents probe better than raw pixels), not what it learnt,
+    so its time-to-target says little."""
+    target, metric = attrs.get("target", math.nan), attrs.get("target_metric", "")
+    if metric not in TARGET_REFERENCES:
+        return []
+    column, half_column, name = TARGET_REFERENCES[metric]
+    ref, half = row.get(column, math.nan), row.get(half_column, 0.0) if half_column else 0.0
+    half = 0.0 if half is None or math.isnan(half) else half
+    if ref is None or math.isnan(ref) or math.isnan(target) or target > ref + half:
+        return []
+    shown = f"{ref:.3f} ± {half:.3f}" if half else f"{ref:.3f}"
+    return [f"{row['variant']}: the target {target:.3f} is within or below {name} ({shown}): reaching it does not "
+            "show learning, so its time-to-target measures where its input space starts, not a speed-up"]
