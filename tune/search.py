@@ -15,7 +15,7 @@ conditional parameters are real: `constant` (with --include-constant) samples ne
 ratio nor a ramp. The Optuna study lives in a journal file next to the Tune results, so a resumed
 search keeps one study. Each scheduler's best trial is printed next to its references (the no-model
 fill, the projector ceiling, the probe on raw inputs and on random encoders of its sampled geometry),
-saying which it does not beat. Writes <storage>/<name>/: results.parquet, optuna.journal,
+saying which it beats and which it does not. Writes <storage>/<name>/: results.parquet, optuna.journal,
 references.json, pictures.parquet (each scheduler's best trial by --metric) and dashboard.html.
 The parts below this script: lmd/experiments/ (search.py: checks and references; trial.py: what a
 trial is and runs; driver.py: the rest).
