@@ -22,6 +22,7 @@ import pytest
 
 from lmd.dashboard import ResultsError, load_experiment, render_dashboard
 from lmd.dashboard import figures as F
+from lmd.dashboard import spend as S
 from lmd.dashboard.load import PICTURES_FILE
 from lmd.dashboard.page import budget_caption, build_panels
 from lmd.dashboard.search_figures import importance_figure, param_groups
@@ -153,6 +154,17 @@ def test_reference_lines_are_drawn_and_an_off_scale_ceiling_is_only_listed():
     assert target.xaxis == "x" and set(target.y) == {12.0}
     # The x axis is in TFLOP: the last evaluation is at the budget.
     assert max(traces["lmd_cosine"].x) == pytest.approx(BUDGET)
+    # The probe panel spans its accuracies and references (0.47-0.82 here) with a margin, not a flat 0-1 axis.
+    assert list(fig.layout.yaxis3.range) == pytest.approx([0.47 - 0.055, 0.82 + 0.055])
+
+
+def test_the_probe_range_holds_every_accuracy_and_reference_within_zero_and_one():
+    table = pd.DataFrame({"val_probe_acc": [0.95, 0.99, math.nan]})
+    refs = pd.DataFrame({"variant": ["a"], "random_probe_acc": [0.90], "random_probe_acc_ci95": [0.08],
+                         "raw_probe_acc": [0.97]})
+    low, high = F.probe_range(table, refs, target=0.96)
+    assert low == pytest.approx(0.82 - 0.02 - 0.1 * (0.99 - 0.82)) and high == 1.0  # clipped at 1
+    assert F.probe_range(pd.DataFrame({"val_probe_acc": [0.5]}), pd.DataFrame()) == pytest.approx([0.48, 0.52])
 
 
 def test_curves_without_references_or_probe_draw_no_reference_lines():
@@ -216,14 +228,14 @@ def test_quality_table_shows_the_references_and_the_verdicts():
 def test_budget_panel_shows_equal_tflop():
     table = synthetic_table()
     for budget in (budget_record(), None):  # summary.json's record, or the trials' last rows without one
-        rows = F.budget_rows(table, budget)
-        bars = F.budget_figure(rows, budget).data[0]
+        rows = S.budget_rows(table, budget)
+        bars = S.budget_figure(rows, budget).data[0]
         assert bars.name == "TFLOP per trial" and list(bars.y) == pytest.approx([BUDGET] * 3)
-        assert F.spread(rows["tflops"]) == pytest.approx(0.0)
-    caption = budget_caption(F.budget_rows(table, budget_record()), budget_record())
+        assert S.spread(rows["tflops"]) == pytest.approx(0.0)
+    caption = budget_caption(S.budget_rows(table, budget_record()), budget_record())
     assert "0.0% apart (equal in FLOPs up to whole steps)" in caption and "0.1204 GFLOP per image" in caption
     uneven = budget_record({"pixel_mae": 0.4}, budget_by="steps")
-    caption = budget_caption(F.budget_rows(table, uneven), uneven)
+    caption = budget_caption(S.budget_rows(table, uneven), uneven)
     assert "300.0% apart" in caption and "not set in FLOPs" in caption
 
 

@@ -19,7 +19,6 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from lmd.config import MaskConfig
 from lmd.experiments.results import interval, reference_columns
 from lmd.experiments.summary import BASELINE
 
@@ -127,6 +126,21 @@ def _references(fig: go.Figure, metrics: list[str], spans: dict[str, tuple[float
                   visible="legendonly" if off else True, half=half if column == "random_probe_acc" else 0.0)
 
 
+def probe_range(table: pd.DataFrame, refs: pd.DataFrame, target: float = math.nan) -> list[float]:
+    """The probe panel's y range: every recorded accuracy, reference and the target, with a margin, within
+    [0, 1]. Variants differ by 0.01-0.06 in accuracy, which a fixed 0-1 axis flattens; seed bands (two
+    seeds' can pass 1) are clipped at the edge rather than setting it."""
+    values = [*table["val_probe_acc"].dropna(), target]
+    for column in ("raw_probe_acc", "random_probe_acc"):
+        if column in refs:
+            half = refs.get(f"{column}_ci95", pd.Series(0.0, index=refs.index)).fillna(0.0)
+            values += [*(refs[column] - half), *(refs[column] + half)]
+    values = [v for v in values if not math.isnan(v)]
+    low, high = min(values), max(values)
+    margin = 0.02 + 0.1 * (high - low)
+    return [max(0.0, low - margin), min(1.0, high + margin)]
+
+
 def curves_figure(table: pd.DataFrame, x: str, per_trial: bool = False, references: list[dict[str, Any]] | None = None,
                   target: float = float("nan"), target_metric: str = "") -> go.Figure:
     """Held-out PSNR, fixed-ratio masked MSE and (when recorded) probe accuracy against `x`.
@@ -175,10 +189,14 @@ def curves_figure(table: pd.DataFrame, x: str, per_trial: bool = False, referenc
             shown.add(variant)
             top_psnr = max(top_psnr, float(upper.max())) if y == "val_psnr" else top_psnr
         fig.update_yaxes(title_text=CURVE_METRICS[y][1], type="log" if y == "val_masked_mse_fixed" else None,
-                         range=[0, 1] if y == "val_probe_acc" else None, row=1, col=col)  # 2-seed bands pass 1
+                         row=1, col=col)
     refs = reference_columns(references or [])
     if not refs.empty:
         _references(fig, metrics, spans, top_psnr, refs[refs["variant"].isin(shown)], colors)
+    if "val_probe_acc" in spans:
+        fig.update_yaxes(range=probe_range(table, refs[refs["variant"].isin(shown)] if not refs.empty else refs,
+                                           target if target_metric == "val_probe_acc" else math.nan),
+                         row=1, col=metrics.index("val_probe_acc") + 1)
     if target_metric in spans and not math.isnan(target):
         _line(fig, metrics.index(target_metric) + 1, spans[target_metric], target,
               f"target {target:.4g} ({BASELINE}'s mean final)", TARGET_COLOR, "longdashdot", width=2.5)
@@ -300,109 +318,4 @@ def quality_table_figure(summary: pd.DataFrame) -> go.Figure:
                                     "fill_color": fills}))
     # Cells wrap to two lines ("11.21 ± 1.01"); rows are sized for that so none is cut off.
     fig.update_layout(template="plotly_white", height=90 + 46 * len(s), margin={"l": 10, "r": 10, "t": 10, "b": 10})
-    return fig
-
-
-# ---------------------------------------------------------------- budget
-def budget_rows(table: pd.DataFrame, budget: dict[str, Any] | None) -> pd.DataFrame:
-    """Per variant: steps, samples and TFLOP it was given (summary.json's budget, else the trials' last rows),
-    and the TFLOP its trials actually spent (mean of their last rows; nan without train_flops)."""
-    last = table.sort_values("step").groupby("trial_id").tail(1)
-    spent = last.groupby("variant").agg(steps=("step", "mean"), samples=("samples_seen", "mean"))
-    spent["spent_tflops"] = (last.groupby("variant")["train_flops"].mean() / 1e12 if "train_flops" in last
-                             else float("nan"))
-    if budget is None:
-        rows = spent.assign(tflops=spent["spent_tflops"])
-    else:
-        given = pd.DataFrame.from_dict(budget["variants"], orient="index").reindex(
-            columns=["steps", "samples", "train_tflops"])
-        rows = given.rename(columns={"train_tflops": "tflops"}).astype(float)
-        rows["spent_tflops"] = spent["spent_tflops"].reindex(rows.index)
-    return rows.rename_axis("variant").reset_index().sort_values("variant", ignore_index=True)
-
-
-def spread(values: pd.Series) -> float:
-    """max / min - 1 of positive values (0: all equal; nan without data)."""
-    v = values.dropna()
-    return float(v.max() / v.min() - 1) if len(v) and v.min() > 0 else float("nan")
-
-
-def budget_figure(rows: pd.DataFrame, budget: dict[str, Any] | None) -> go.Figure:
-    """Bars per variant: TFLOP (when known), steps and samples per trial; the budget as a line on its own axis."""
-    panels = [c for c in ("tflops", "steps", "samples") if rows[c].notna().any()]
-    titles = {"tflops": "TFLOP per trial", "steps": "steps per trial", "samples": "samples per trial"}
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[titles[p] for p in panels])
-    colors = variant_colors(rows["variant"].tolist())
-    by = {"flops": "tflops", "steps": "steps"}.get((budget or {}).get("budget_by", ""))
-    for col, panel in enumerate(panels, start=1):
-        fig.add_trace(go.Bar(x=rows["variant"], y=rows[panel], marker_color=[colors[v] for v in rows["variant"]],
-                             name=titles[panel], showlegend=False, texttemplate="%{y:.4~g}", textposition="outside"),
-                      row=1, col=col)
-        if panel == "tflops" and rows["spent_tflops"].notna().any():
-            fig.add_trace(go.Scatter(x=rows["variant"], y=rows["spent_tflops"], mode="markers",
-                                     name="TFLOP spent (trials' last rows)",
-                                     marker={"symbol": "diamond", "color": "black", "size": 9}), row=1, col=col)
-        if panel == by:
-            fig.add_hline(y=float(budget["budget"]), name="budget", line_dash="dot", line_color="#d62728",
-                          label={"text": f"budget {float(budget['budget']):g} {budget.get('unit', '')}",
-                                 "textposition": "start", "yanchor": "top"}, row=1, col=col)
-    fig.update_layout(**LAYOUT)
-    return fig
-
-
-# ---------------------------------------------------------------- schedules
-def schedule_figure(table: pd.DataFrame, per_trial: bool = False) -> go.Figure:
-    """Each variant's (or, for searches, each trial's) mask-ratio schedule over training, drawn from its
-    config columns, with the ratios recorded in the results as circles."""
-    colors = variant_colors(table["variant"].astype(str).unique().tolist())
-    fig = go.Figure()
-    has_config = bool(table["scheduler"].notna().any())
-    if has_config:
-        # The schedule is drawn by the training code itself; lmd.masking imports torch at module level, so only
-        # pages that draw a schedule pay for it (and importing the dashboard stays torch-free).
-        from lmd.masking import mask_ratio
-    for key, group in table.groupby("trial_id" if per_trial else "variant"):
-        variant = str(group["variant"].iloc[0])
-        color, name = colors[variant], (f"{variant} · {key}" if per_trial else variant)
-        if has_config and group["scheduler"].notna().any():
-            row = group.dropna(subset=["scheduler"]).iloc[0]
-            cfg = MaskConfig(scheduler=str(row["scheduler"]), start=float(row["mask_start"]),
-                             end=float(row["mask_end"]), ramp=float(row["mask_ramp"]))
-            total = int(row["total_steps"])
-            steps = np.linspace(0, total, min(total, 400) + 1).round().astype(int)
-            fig.add_trace(go.Scatter(x=steps, y=[mask_ratio(int(s), total, cfg) for s in steps], mode="lines",
-                                     name=f"{name} ({cfg.scheduler} {cfg.start:.2f}→{cfg.end:.2f}, "
-                                          f"ramp {cfg.ramp:.2f})",
-                                     legendgroup=str(key), line={"color": color}))
-        recorded = group.groupby("step")["mask_ratio"].mean().reset_index()
-        # A report at step s (steps done) records the ratio of the last step done, step index s - 1.
-        fig.add_trace(go.Scatter(x=recorded["step"] - 1, y=recorded["mask_ratio"], mode="markers",
-                                 name=f"{name} (recorded)", legendgroup=str(key), showlegend=not has_config,
-                                 customdata=recorded["step"], hovertemplate="reported at step %{customdata}: "
-                                 "ratio %{y:.3f}<extra></extra>",
-                                 marker={"color": color, "size": 7, "symbol": "circle-open"}))
-    fig.update_layout(**{**LAYOUT, "height": 380 + (20 * table["trial_id"].nunique() if per_trial else 0)},
-                      xaxis_title="training step", yaxis_title="mask ratio (share of patches hidden)",
-                      yaxis_range=[0, 1])
-    return fig
-
-
-# ---------------------------------------------------------------- cost
-def cost_figure(table: pd.DataFrame) -> go.Figure:
-    """Device-hours per variant (sum over its trials) and per trial (training clock x devices)."""
-    final = table.sort_values("step").groupby("trial_id").tail(1)
-    colors = variant_colors(final["variant"].astype(str).unique().tolist())
-    per_variant = final.groupby("variant")["device_seconds"].sum() / 3600
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65],
-                        subplot_titles=("device-hours per variant", "device-hours per trial"))
-    fig.add_trace(go.Bar(x=per_variant.index.astype(str), y=per_variant.values, showlegend=False,
-                         marker_color=[colors[str(v)] for v in per_variant.index], name="per variant"), row=1, col=1)
-    final = final.sort_values(["variant", "seed"])
-    fig.add_trace(go.Bar(x=final["trial_id"].astype(str), y=final["device_seconds"] / 3600, showlegend=False,
-                         marker_color=[colors[str(v)] for v in final["variant"]], name="per trial",
-                         hovertext=[f"{v} seed {s}" for v, s in zip(final["variant"], final["seed"], strict=True)]),
-                  row=1, col=2)
-    fig.update_yaxes(title_text="device-hours")
-    fig.update_xaxes(showticklabels=False, row=1, col=2)
-    fig.update_layout(**LAYOUT)
     return fig

@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from lmd.dashboard import figures, search_figures
+from lmd.dashboard import figures, search_figures, spend
 from lmd.dashboard.load import Experiment, ResultsError, load_experiment
 from lmd.experiments.summary import TARGET_METRICS, summarize, verdicts
 from lmd.io import write_text_atomic
@@ -151,7 +151,7 @@ def budget_caption(rows: pd.DataFrame, budget: dict[str, Any] | None) -> str:
         text = f"Each trial's budget: {float(budget['budget']):g} {budget.get('unit', '')} (--budget-by " \
                f"{budget.get('budget_by', '?')})."
     if len(tflops):
-        gap = figures.spread(tflops)
+        gap = spend.spread(tflops)
         equal = budget is not None and budget.get("budget_by") == "flops"
         text += (f" TFLOP per trial: {tflops.min():.4g} to {tflops.max():.4g}, {gap:.1%} apart"
                  + (" (equal in FLOPs up to whole steps)." if equal else
@@ -171,7 +171,7 @@ def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
     a = summary.attrs
     axis = figures.time_axis(summary)
     unit = figures.TIME_AXES[axis][1]
-    rows = figures.budget_rows(exp.table, exp.budget)
+    rows = spend.budget_rows(exp.table, exp.budget)
     return [
         Panel("quality", "Final quality against the references",
               "Per variant over seeds at the end of its budget: final held-out PSNR, masked MSE and linear-probe "
@@ -189,7 +189,7 @@ def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
               "deterministic, the headline), samples seen and wall seconds, with 95% intervals (Welch t on the log "
               f"times). Dotted: 1x; dashed red: {figures.CLAIM:g}x, the paper's claim, which the FLOPs interval "
               "must lie above to support it.", figures.speedup_figure(summary)),
-        Panel("budget", "Budget per trial", budget_caption(rows, exp.budget), figures.budget_figure(rows, exp.budget)),
+        Panel("budget", "Budget per trial", budget_caption(rows, exp.budget), spend.budget_figure(rows, exp.budget)),
     ]
 
 
@@ -226,11 +226,11 @@ def build_panels(exp: Experiment) -> list[Panel]:
     panels.append(Panel("schedules", "Mask-ratio schedules",
                         "The ratio of hidden patches over training for each variant (easy → hard); circles are the "
                         "ratios recorded in the results (each report records its last step's ratio).",
-                        figures.schedule_figure(table, per_trial=search)))
+                        spend.schedule_figure(table, per_trial=search)))
     if exp.study is not None and search_figures.completed_trials(exp.study):
         panels += study_panels(exp)
     panels.append(Panel("cost", "Cost", "Device-hours: training wall-clock × devices (GPUs, or CPUs on a CPU run) "
-                        "per trial, summed per variant.", figures.cost_figure(table)))
+                        "per trial, summed per variant.", spend.cost_figure(table)))
     if exp.pictures is not None and not exp.pictures.empty:
         trials = ", ".join(f"{v}: {t} (seed {s})" for v, t, s in
                            exp.pictures.groupby("variant")[["trial_id", "seed"]].first().itertuples())
