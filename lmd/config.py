@@ -212,6 +212,10 @@ class RunConfig:
     seed: int = option(0, "--seed", "random seed (default {default})")
     log_every: int = option(10, "--log-every", "steps between logged metrics (default {default})")
     eval_every: int = option(50, "--eval-every", "steps between evaluations (default {default})")
+    # Equal-compute comparisons need evaluations at equal compute: a schedule's early (easy) steps cost more
+    # FLOPs, so step-spaced evaluations would sample its curve at other FLOPs than a constant ratio's.
+    evals: int = option(0, "--evals", "evaluate this many times, at equal fractions of the run's training FLOPs, "
+                        "each also checkpointed (replaces --eval-every; default {default}: off)")
     ckpt_every: int = option(100, "--ckpt-every", "steps between checkpoints (default {default})")
     keep_last: int = option(3, "--keep-last", "checkpoints to keep (default {default})")
     device: str = option("auto", "--device", f"{', '.join(DEVICES)} (default {{default}})")
@@ -226,6 +230,7 @@ class RunConfig:
         _require(0 <= self.seed <= MAX_SEED, "run.seed", self.seed, f"must be in [0, {MAX_SEED}]")
         for name in ("log_every", "eval_every", "ckpt_every", "keep_last"):
             _require(getattr(self, name) > 0, f"run.{name}", getattr(self, name), "must be > 0")
+        _require(0 <= self.evals <= self.steps, "run.evals", self.evals, f"must be in [0, run.steps={self.steps}]")
         _require(self.device in DEVICES, "run.device", self.device, f"choose one of {', '.join(DEVICES)}")
         _require(self.precision in PRECISIONS, "run.precision", self.precision,
                  f"choose one of {', '.join(PRECISIONS)}")

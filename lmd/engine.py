@@ -41,7 +41,7 @@ from lmd.config import ModelConfig, OptimConfig, TrainConfig
 from lmd.config_build import config_diff
 from lmd.device import autocast_dtype
 from lmd.evaluation import reconstruction_psnr
-from lmd.flops import device_peak_flops, step_flops, train_flops_until
+from lmd.flops import device_peak_flops, evaluation_steps, step_flops, train_flops_until
 from lmd.io import write_json_atomic, write_text_atomic
 from lmd.masking import mask_ratio, shape_ratio
 from lmd.model import MaskedLatentTransformer, build_model
@@ -59,7 +59,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 EVAL_SEED = 20_240_101  # evaluation masks are the same at every eval, in every run
 # Fields that may change between a run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = {"run.log_every", "run.eval_every", "run.ckpt_every", "run.keep_last", "run.device",
+RESUMABLE_CHANGES = {"run.log_every", "run.eval_every", "run.evals", "run.ckpt_every", "run.keep_last", "run.device",
                      "run.precision", "run.compile", "run.compile_mode"}
 
 
@@ -133,13 +133,15 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     npy = state["numpy"]
     np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU that was visible at the save; a resume may see fewer (or more) of them.
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state.cpu(), index)
 
 
 def _metrics_row(line: str) -> dict[str, Any] | None:
@@ -171,7 +173,10 @@ class Engine:
         self.rank, self.world_size, self.reporter = rank, world_size, reporter
         self.device = device
         self.amp_dtype = autocast_dtype(cfg.run.precision, device)
-        self.peak_flops = device_peak_flops(device)[1]  # for MFU on every row (known GPUs only)
+        # For MFU on every row (known GPUs only): the rows count the global batch's FLOPs, which all ranks' devices
+        # compute together.
+        peak = device_peak_flops(device)[1]
+        self.peak_flops = peak * world_size if peak else None
         self.data = data.train
         source = (getattr(self.data, "rank", 0), getattr(self.data, "world_size", 1))
         if source != (rank, world_size):
@@ -289,7 +294,9 @@ class Engine:
         except OSError as err:  # read-only, a file in the way, no permission: one line naming the path
             raise RunDirError(f"run dir {self.run_dir}: cannot write there ({err.strerror or err})") from None
         sweep_stale(self.checkpoint_root)
-        point = resume_point(self.checkpoint_root, map_location=self.device) if resume else None
+        # Loaded to the host: torch.set_rng_state takes only a CPU byte tensor, and load_state_dict moves the
+        # weights and optimizer state onto the parameters' device anyway.
+        point = resume_point(self.checkpoint_root, map_location="cpu") if resume else None
         if point is not None:
             latest, state, manifest = point
             saved = TrainConfig.from_dict(manifest["config"])
@@ -350,6 +357,7 @@ class Engine:
         # Training FLOPs so far (model matmuls, global batch): a pure function of (config, step), the
         # deterministic axis that equal-compute comparisons use.
         flops = train_flops_until(self.cfg, self.step)
+        eval_steps = evaluation_steps(self.cfg, run.evals)  # empty unless run.evals: then at equal FLOP fractions
         since = (self.step, self.wall_offset, flops)  # throughput is measured over each log interval
 
         with self.metrics_path.open("a") as metrics, contextlib.closing(self):
@@ -370,8 +378,9 @@ class Engine:
                 self.wall_offset = time.perf_counter() - started
 
                 stopping = self.step == end or self._stop_requested
-                do_ckpt = self.step % run.ckpt_every == 0 or stopping
-                do_eval = self.step % run.eval_every == 0 or do_ckpt  # checkpoints carry their val score
+                at_eval = self.step in eval_steps if run.evals else self.step % run.eval_every == 0
+                do_ckpt = self.step % run.ckpt_every == 0 or stopping or (run.evals > 0 and at_eval)
+                do_eval = at_eval or do_ckpt  # checkpoints carry their val score
                 if self.step % run.log_every == 0 or do_eval or do_ckpt:
                     losses = self._mean_over_ranks(torch.stack(pending).float()).tolist()  # one sync per interval
                     pending.clear()

@@ -25,8 +25,14 @@ def reconstruct(model: MaskedLatentTransformer, latents: torch.Tensor, ratio: fl
     patches = patchify(latents, model.cfg.patch_size)  # [N, L, P]
     _, pred, mask = model(latents, ratio, noise)
     pred = pred.float()
-    if model.cfg.norm_target:  # predictions are per-patch normalised: restore with the patch's stats (as MAE)
-        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+    if model.cfg.norm_target:
+        # Predictions are per-patch normalised. MAE's visualisation restores them with the hidden patch's own mean
+        # and variance, which hands over part of the answer (all of a 4-value latent patch's level and spread);
+        # here they get what the model could know: the average statistics of the image's visible patches.
+        visible = (1.0 - mask.float()).unsqueeze(-1)  # [N, L, 1]
+        count = visible.sum(1, keepdim=True).clamp(min=1.0)  # [N, 1, 1]
+        mean = (patches.mean(-1, keepdim=True) * visible).sum(1, keepdim=True) / count
+        var = (patches.var(-1, keepdim=True) * visible).sum(1, keepdim=True) / count
         pred = pred * (var + 1.0e-6) ** 0.5 + mean
     mixed = torch.where(mask.bool().unsqueeze(-1), pred, patches)
     return unpatchify(mixed, model.cfg.patch_size, model.cfg.in_chans)

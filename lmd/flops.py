@@ -13,9 +13,11 @@ answer is found by bisection on the total, not by dividing).
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from lmd.config import ModelConfig, TrainConfig
@@ -47,6 +49,18 @@ def train_flops_until(cfg: TrainConfig, step: int) -> float:
 def run_flops(cfg: TrainConfig) -> float:
     """FLOPs of the whole run."""
     return train_flops_until(cfg, cfg.run.steps)
+
+
+def evaluation_steps(cfg: TrainConfig, evals: int) -> frozenset[int]:
+    """The steps that end `evals` equal fractions of the run's training FLOPs: for k = 1..evals, the first step
+    after which the run has spent k/evals of its FLOPs (the last one is the run's last step)."""
+    if evals <= 0:
+        return frozenset()
+    total = cfg.run.steps
+    spent = np.cumsum([step_flops(cfg, mask_ratio(s, total, cfg.mask)) for s in range(total)])  # after step s + 1
+    # A hair under each fraction, so float rounding never pushes a boundary one step late.
+    marks = spent[-1] * np.arange(1, evals + 1) / evals * (1 - 1e-12)
+    return frozenset(int(i) + 1 for i in np.searchsorted(spent, marks, side="left"))
 
 
 def steps_for_flops(cfg: TrainConfig, budget: float, max_steps: int = 10_000_000) -> int:
@@ -86,38 +100,55 @@ def projector_encode_flops(projector: torch.nn.Module, resolution: int) -> float
     return float(counter.get_total_flops())
 
 
-def measure_flop_rate(cfg: TrainConfig, steps: int = 3) -> float:
+def measure_flop_rate(cfg: TrainConfig, steps: int = 3, workers: int = 1) -> float:
     """Training FLOP/s of `cfg`'s model on this process's device and threads (random inputs, real steps).
 
     What `--budget-by time` converts seconds into steps with: measured once per variant, in the
-    driver, at the schedule's two extreme ratios (averaged), after one warm-up step each.
+    driver, at the schedule's two extreme ratios (averaged), after one warm-up step each. Each step is
+    the one a trial's worker runs: its share of the global batch (`workers` ranks), under the run's
+    autocast (bf16 on CUDA) and, with `run.compile`, compiled. Returns the rate of one worker.
     """
     import time
+
+    from lmd.device import autocast_dtype
 
     device = resolve_device(cfg.run.device)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
-    m, b = cfg.model, cfg.data.batch_size
+    forward = torch.compile(model, dynamic=False) if cfg.run.compile else model
+    amp = autocast_dtype(cfg.run.precision, device)
+    m, b = cfg.model, max(1, cfg.data.batch_size // workers)
     latents = torch.randn(b, m.in_chans, m.latent_size, m.latent_size, device=device)
     seconds, flops = 0.0, 0.0
     # The ratios the schedule visits: a constant schedule only ever trains at its end ratio.
     for ratio in sorted({cfg.mask.end} if cfg.mask.scheduler == "constant" else {cfg.mask.start, cfg.mask.end}):
         for k in range(steps + 1):
             started = time.perf_counter()
-            loss, _, _ = model(latents, ratio, torch.rand(b, m.num_patches, device=device))
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, _, _ = forward(latents, ratio, torch.rand(b, m.num_patches, device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if k:  # the first step warms up
+            if k:  # the first step warms up (and compiles)
                 seconds += time.perf_counter() - started
-                flops += step_flops(cfg, ratio)
+                flops += b * train_flops_per_sample(m, ratio)
     return flops / seconds
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets: the denominator of MFU.
-GPU_PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets: the denominator of MFU. Matched as whole
+# words, longest first, so "H100 PCIe" is not read as the SXM part, nor "L40" as "L4".
+GPU_PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12,
+                 "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "L4": 121e12}
+
+
+def peak_of(name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its torch device name, None when it is not in `GPU_PEAK_BF16`."""
+    for key in sorted(GPU_PEAK_BF16, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return GPU_PEAK_BF16[key]
+    return None
 
 
 def device_peak_flops(device: torch.device) -> tuple[str, float | None]:
@@ -125,5 +156,5 @@ def device_peak_flops(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return "cpu", None
     name = torch.cuda.get_device_name(device)
-    return name, next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
+    return name, peak_of(name)
 

@@ -64,6 +64,25 @@ def test_metrics_rows_carry_the_documented_fields(tmp_path):
     assert rows[0]["mask_ratio"] < rows[-1]["mask_ratio"] == pytest.approx(0.75)
 
 
+def test_evals_fall_at_equal_fractions_of_the_runs_flops_and_are_checkpointed(tmp_path):
+    from lmd.flops import run_flops, step_flops
+
+    cfg = tiny_config(**{"run.steps": 40, "run.evals": 4, "run.log_every": 5, "run.ckpt_every": 40,
+                         "mask.scheduler": "cosine"})
+    local_engine(cfg, tmp_path).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_masked_mse" in r]
+    total, most = run_flops(cfg), step_flops(cfg, 0.0)
+    assert len(evals) == 4 and evals[-1]["step"] == 40
+    for k, row in enumerate(evals, start=1):  # each evaluation is the first step past k/4 of the FLOPs
+        assert k / 4 * total <= row["train_flops"] * (1 + 1e-9) < k / 4 * total + most
+    # The schedule's early steps see more tokens and cost more: the first quarter of the FLOPs ends before a
+    # quarter of the steps, where step-spaced evaluations would have put it.
+    assert evals[0]["step"] < 10
+    assert [int(p.name.split("_")[1]) for p in checkpoint_dirs(tmp_path / "checkpoints")][-3:] == [
+        r["step"] for r in evals[-3:]]  # each evaluation checkpointed (the last three kept)
+
+
 def test_default_run_learns(tmp_path):
     cfg = tiny_config(**{"run.steps": 150, "run.eval_every": 150, "data.batch_size": 32, "data.num_train": 512,
                          "data.num_val": 64})

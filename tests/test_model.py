@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -125,8 +127,48 @@ def test_official_preset_shape_and_size():
 def test_flops_follow_the_mask_ratio_and_the_parameter_count():
     cfg = PRESETS["base_p4"]
     assert forward_flops_per_sample(cfg, 0.75) < forward_flops_per_sample(cfg, 0.15)
-    assert train_flops_per_sample(cfg, 0.75) == pytest.approx(3 * forward_flops_per_sample(cfg, 0.75))
     # Rule of thumb: forward matmul FLOPs ~ 2 * params * tokens; the encoder sees 13 tokens, the decoder 50.
     enc = 12 * 12 * 768 * 768 * 13 * 2
     dec = 8 * 12 * 512 * 512 * 50 * 2
     assert forward_flops_per_sample(cfg, 0.75) == pytest.approx(enc + dec, rel=0.1)
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.75])
+@pytest.mark.parametrize("cfg", [
+    PRESETS["mini_p1"],  # the ablation's latent variants: 16 tokens of 4 values
+    replace(PRESETS["mini_p1"], latent_size=32, in_chans=3, patch_size=4),  # its pixel MAE: 64 tokens of 48 values
+    replace(PRESETS["tiny"], depth=2, decoder_depth=1),
+], ids=["mini_p1", "mini_p1-pixel", "tiny"])
+def test_train_flops_match_torchs_flop_counter_on_a_real_step(cfg, ratio):
+    """The budgets' FLOPs against torch's own count of one forward + backward (matmuls; the math attention
+    kernel, since the counter does not see the fused CPU one)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, batch = MaskedLatentTransformer(cfg), 2
+    latents = torch.randn(batch, cfg.in_chans, cfg.latent_size, cfg.latent_size)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        loss, _, _ = model(latents, ratio, torch.rand(batch, cfg.num_patches))
+        loss.backward()
+    assert counter.get_total_flops() / batch == pytest.approx(train_flops_per_sample(cfg, ratio), rel=1e-3)
+
+
+def test_normalised_predictions_are_restored_without_the_hidden_patches_statistics():
+    """With per-patch normalised targets, a reconstruction (what PSNR decodes) may use only what the model sees:
+    changing the masked patches' values must not change what is put in their place."""
+    from lmd.evaluation import reconstruct
+
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["tiny"], norm_target=True)
+    model = MaskedLatentTransformer(cfg).eval()
+    latents = torch.randn(2, cfg.in_chans, cfg.latent_size, cfg.latent_size)
+    noise = torch.rand(2, cfg.num_patches)
+    _, _, mask = model(latents, 0.75, noise)
+    hidden = mask.bool().unsqueeze(-1)  # [N, L, 1]
+    patches = patchify(latents, cfg.patch_size)
+    changed = unpatchify(torch.where(hidden, 5 * patches + 3, patches), cfg.patch_size, cfg.in_chans)
+    a = patchify(reconstruct(model, latents, 0.75, noise), cfg.patch_size)
+    b = patchify(reconstruct(model, changed, 0.75, noise), cfg.patch_size)
+    assert torch.equal(a, b)

@@ -12,7 +12,7 @@ flops`, the default), device seconds (`time`) or steps (`steps`, for contrast), 
 `--evals` evaluations spread over its run (held-out PSNR of decoded reconstructions, masked MSE,
 the linear probe). References computed once (no-model fill, projector ceiling, probe on raw inputs
 and on a random encoder) sit beside every result. Time-to-target is measured on samples, FLOPs (the
-headline) and wall seconds against the baseline's mean final `--target-metric`.
+headline) and wall seconds against the baseline's worst final `--target-metric` over seeds.
 
 Writes <storage>/<name>/: results.parquet (one row per trial x report), budget.json,
 references.json, summary.json, pictures.parquet and dashboard.html, and prints the summary.
@@ -75,9 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="equal training FLOPs (default), equal device seconds, or equal steps (contrast)")
     p.add_argument("--budget", type=float, default=1.6,
                    help="per trial: TFLOP (--budget-by flops), device seconds (time) or steps (steps)")
-    p.add_argument("--evals", type=int, default=4, help="evaluations spread evenly over each trial")
+    p.add_argument("--evals", type=int, default=4, help="evaluations per trial, at equal fractions of its training FLOPs")
     p.add_argument("--target-metric", choices=TARGET_METRICS, default="val_psnr",  # comparable across spaces
-                   help="the metric time-to-target is measured on (target: the baseline's mean final value)")
+                   help="the metric time-to-target is measured on (target: the baseline's worst final value over seeds)")
     add_shared_flags(p, name="ablation")  # the data, the placement, --storage/--name/--resume: as the search
     return p.parse_args(argv)
 

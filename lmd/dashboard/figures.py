@@ -199,7 +199,7 @@ def curves_figure(table: pd.DataFrame, x: str, per_trial: bool = False, referenc
                          row=1, col=metrics.index("val_probe_acc") + 1)
     if target_metric in spans and not math.isnan(target):
         _line(fig, metrics.index(target_metric) + 1, spans[target_metric], target,
-              f"target {target:.4g} ({BASELINE}'s mean final)", TARGET_COLOR, "longdashdot", width=2.5)
+              f"target {target:.4g} ({BASELINE}'s worst final)", TARGET_COLOR, "longdashdot", width=2.5)
     fig.update_xaxes(title_text=label)
     fig.update_layout(**{**LAYOUT, "height": 480 if refs.empty else 540})
     return fig

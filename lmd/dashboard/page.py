@@ -180,7 +180,7 @@ def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
               figures.quality_table_figure(summary), after=_verdicts_html(summary)),
         Panel("time-to-target", f"{unit} to target",
               f"{unit} each variant spent until a trial's {a['target_metric']} first reached the target "
-              f"{a['target']:.4g} ({a['baseline']}'s mean final value), interpolated between evaluations. Bars: "
+              f"{a['target']:.4g} ({a['baseline']}'s worst final over seeds), interpolated between evaluations. Bars: "
               "geometric mean over the seeds that reached it; error bars: its 95% interval (t on the log scale, so "
               "asymmetric and never below zero), none where fewer than two seeds reached it.",
               figures.time_to_target_figure(summary)),

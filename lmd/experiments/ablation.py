@@ -47,7 +47,7 @@ class AblationSpec:
     seeds: int
     budget_by: str  # a key of BUDGET_UNITS
     budget: float  # per trial, in BUDGET_UNITS[budget_by]
-    evals: int  # evaluations spread evenly over each trial
+    evals: int  # evaluations at equal fractions of each trial's FLOPs
     target_metric: str  # what time-to-target is measured on
     base: TrialBase
 
@@ -84,8 +84,10 @@ def variant_config(spec: AblationSpec, name: str, steps: int, seed: int, device:
         # A latent patch of p covers p * f image pixels; half that side gives 4x the tokens (MAE as published).
         scale = LATENT_FACTOR if variant.tokens == "equal" else LATENT_FACTOR // 2
         overrides["model.patch_size"] = PRESETS[spec.base.preset].patch_size * scale
+    # Evaluations (each checkpointed) at equal fractions of the trial's FLOPs, so every variant's curve is sampled at
+    # the same compute whatever its schedule; training rows are logged at the same count, spaced in steps.
     every = max(1, math.ceil(steps / spec.evals))
-    overrides.update({"run.eval_every": every, "run.log_every": every, "run.ckpt_every": every})
+    overrides.update({"run.evals": min(spec.evals, steps), "run.log_every": every, "run.ckpt_every": steps})
     return build_config(overrides=overrides)
 
 
@@ -110,7 +112,7 @@ def _rate_as_a_trial(cfg: TrainConfig, placement: Placement) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(placement.cpus / placement.workers)))
     try:
-        return measure_flop_rate(cfg) * placement.workers
+        return measure_flop_rate(cfg, workers=placement.workers) * placement.workers
     finally:
         torch.set_num_threads(threads)
 

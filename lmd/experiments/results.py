@@ -80,6 +80,17 @@ def final_rows(table: pd.DataFrame, metric: str = "val_psnr") -> pd.DataFrame:
     return table.dropna(subset=[metric]).sort_values("step").groupby("trial_id").tail(1)
 
 
+def complete_trials(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of trials that trained to their budget's end (last step == total_steps), and the ids of those
+    that did not (failed, stopped or still running). A trial cut short would otherwise count as "final" with
+    less compute than its variant's budget. Trials without a total_steps value (older tables) are kept."""
+    if table.empty or "total_steps" not in table:
+        return table, []
+    last = table.groupby("trial_id").agg(step=("step", "max"), total=("total_steps", "max"))
+    short = last.index[last["step"] < last["total"].fillna(-math.inf)].tolist()  # NaN total: kept
+    return table[~table["trial_id"].isin(short)], sorted(map(str, short))
+
+
 def interval(values: pd.Series) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
     values = values.dropna()

@@ -4,14 +4,19 @@ Per variant (over seeds): final held-out PSNR, masked MSE and linear-probe accur
 t-intervals; the references of lmd.experiments.references (no-model fill, projector ceiling, probe
 on raw inputs and on a random encoder) and whether the variant beats them (its interval entirely
 above the reference's); and time-to-target on three axes: samples seen, training FLOPs (the
-deterministic headline) and wall seconds. The target is the baseline's (pixel MAE's) mean final
-value of `target_metric`; a trial's time-to-target is interpolated linearly between the two
-evaluations that straddle it.
+deterministic headline) and wall seconds. The target is the level of `target_metric` that every
+seed of the baseline (pixel MAE) reaches within its budget: its worst final value over seeds. (Its
+mean final would leave the seeds that end below their own mean short of the target by construction,
+so every speed-up would be censored.) A trial's time-to-target is interpolated linearly between the
+two evaluations that straddle it. Only trials that trained to their budget's end count; the others
+(failed, stopped) are listed and left out.
 
 Times and speedups are positive quantities, so their intervals are computed on the log scale
 (geometric means; the speedup is the ratio of geometric means, with a Welch t-interval on the
 difference of mean logs) and can never go below zero. Seeds that never reach the target are
-counted (`reached`) and left out of the times.
+counted (`reached`) and left out of the times. A seed that meets the target at its first evaluation
+has only an upper bound on its time ("<= x"). Censoring makes a speed-up a one-sided bound, and the
+verdicts claim only what that side supports (`speedup_claim`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lmd.experiments.results import final_rows, interval, reference_columns
+from lmd.experiments.results import complete_trials, final_rows, interval, reference_columns
 
 BASELINE = "pixel_mae"  # the ablation's baseline variant (MAE as published): every target and speedup is against it
 AXES = {"tflops": "train_flops", "samples": "samples_seen", "seconds": "wall_seconds"}
@@ -54,6 +59,17 @@ def first_evaluation_reached(trial: pd.DataFrame, metric: str, target: float) ->
         return False
     first = float(evals[metric].iloc[0])
     return first >= target if HIGHER_IS_BETTER[metric] else first <= target
+
+
+def target_level(final: pd.DataFrame, baseline: str, metric: str) -> float:
+    """The target: the baseline's worst final `metric` over seeds, a level each of its seeds reaches within the
+    budget (nan when the baseline or the metric is absent)."""
+    if metric not in final:
+        return float("nan")
+    values = final.loc[final["variant"] == baseline, metric].dropna()
+    if values.empty:
+        return float("nan")
+    return float(values.min() if HIGHER_IS_BETTER[metric] else values.max())
 
 
 def bound_of(variant: dict[str, int], base: dict[str, int]) -> str:
@@ -112,9 +128,9 @@ def summarize(table: pd.DataFrame, baseline: str = BASELINE, target_metric: str 
     """One row per variant; `attrs` hold the target, its metric and the baseline."""
     if target_metric not in TARGET_METRICS:
         raise ValueError(f"target metric {target_metric!r}: choose one of {', '.join(TARGET_METRICS)}")
+    table, incomplete = complete_trials(table)
     final = final_rows(table)
-    has_target = target_metric in final and baseline in set(final["variant"])
-    target = float(final.loc[final["variant"] == baseline, target_metric].mean()) if has_target else float("nan")
+    target = target_level(final, baseline, target_metric)
     rows, times, censored = [], {}, {}
     for variant, group in final.groupby("variant"):
         trials = [table[table["trial_id"] == t] for t in group["trial_id"]]
@@ -132,13 +148,19 @@ def summarize(table: pd.DataFrame, baseline: str = BASELINE, target_metric: str 
             row[name], row[f"{name}_ci95"] = interval(group[col]) if col in group else (float("nan"),) * 2
         reached = next(iter(times[variant].values()), pd.Series(dtype=float))
         row["reached_target"] = f"{int(reached.notna().sum())}/{len(group)}"
+        # What a reached seed can have spent: an interval's upper end beyond it is the t-interval's tail, not a time.
+        spent = {"tflops": float(group["train_flops"].max()) if "train_flops" in group else math.inf,
+                 "samples": float(group["samples_seen"].max()), "seconds": math.inf}
         for name, values in times[variant].items():
             scale = 1e12 if name == "tflops" else 1.0
+            centre, lo, hi = log_interval(values)
             row[f"{name}_to_target"], row[f"{name}_to_target_lo"], row[f"{name}_to_target_hi"] = (
-                x / scale for x in log_interval(values))
+                centre / scale, lo / scale, min(hi, spent[name]) / scale)
         rows.append(row)
     summary = pd.DataFrame(rows)
+    attrs = {"target": target, "target_metric": target_metric, "baseline": baseline, "incomplete": incomplete}
     if summary.empty:
+        summary.attrs.update(attrs)
         return summary
     for name in AXES:
         if name not in times.get(baseline, {}):
@@ -161,7 +183,7 @@ def summarize(table: pd.DataFrame, baseline: str = BASELINE, target_metric: str 
                 summary[verdict] = [beats(r[mine], r[f"{mine}_ci95"], r[ref], r.get(f"{ref}_ci95", 0.0))
                                     for r in summary.to_dict("records")]
     summary = summary.sort_values("variant", ignore_index=True)
-    summary.attrs.update({"target": target, "target_metric": target_metric, "baseline": baseline})
+    summary.attrs.update(attrs)
     return summary
 
 
@@ -177,14 +199,28 @@ def _range(centre: float, lo: float, hi: float, fmt: str) -> str:
     return f"{centre:{fmt}}" if math.isnan(lo) else f"{centre:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _time(r: dict[str, Any], name: str, fmt: str) -> str:
+    """A variant's time to the target on one axis: "<= x" when every seed that reached it did so at its first
+    evaluation (only an upper bound is known, and an interval over identical bounds would mean nothing)."""
+    centre = r.get(f"{name}_to_target", float("nan"))
+    reached = int(str(r.get("reached_target", "0/0")).split("/")[0])
+    if not math.isnan(centre) and reached and r.get("first_eval_crossings", 0) == reached:
+        return f"<= {centre:{fmt}}"
+    return _range(centre, r.get(f"{name}_to_target_lo", float("nan")), r.get(f"{name}_to_target_hi", float("nan")),
+                  fmt)
+
+
 def format_summary(summary: pd.DataFrame) -> str:
     """The printed answer: quality against references, then compute to the target, then verdicts."""
+    incomplete = summary.attrs.get("incomplete", [])
+    left_out = ([f"left out {len(incomplete)} trial(s) that stopped before the end of their budget: "
+                 f"{', '.join(incomplete)}"] if incomplete else [])
     if summary.empty:
-        return "no finished trials with evaluations"
+        return "\n".join(["no finished trials with evaluations"] + left_out)
     a = summary.attrs
     s = summary.to_dict("records")
     get = lambda r, k: r.get(k, float("nan"))  # noqa: E731 - older tables lack some columns
-    lines = ["quality at the end of each variant's budget (mean ± 95% CI over seeds):",
+    lines = left_out + ["quality at the end of each variant's budget (mean ± 95% CI over seeds):",
              f"{'variant':<24}{'seeds':>6}{'PSNR dB':>16}{'fill dB':>9}{'ceiling':>9}{'> fill':>8}"
              f"{'probe acc':>17}{'random enc':>17}{'raw input':>11}{'> random':>10}"]
     for r in s:
@@ -194,13 +230,18 @@ def format_summary(summary: pd.DataFrame) -> str:
                      f"{_pm(get(r, 'random_probe_acc'), get(r, 'random_probe_acc_ci95'), '.3f'):>17}"
                      f"{get(r, 'raw_probe_acc'):>11.3f}{r.get('beats_random_probe', 'n/a'):>10}")
     unit = {"val_psnr": " dB"}.get(a["target_metric"], "")
-    lines += ["", f"time to the target {a['target_metric']} = {a['target']:.3f}{unit} ({a['baseline']}'s mean final); "
-              "geometric means [95% CI] over the seeds that reached it:",
+    if math.isnan(a["target"]):
+        lines += ["", f"no time to target: the baseline {a['baseline']} has no finished trial with "
+                      f"{a['target_metric']} here, and every target and speed-up is measured against it"]
+        return "\n".join(lines + [""] + verdicts(summary))
+    lines += ["", f"time to the target {a['target_metric']} = {a['target']:.3f}{unit} ({a['baseline']}'s worst final "
+              "over seeds: a level each of its seeds reaches); geometric means [95% CI, capped at the budget] over "
+              "the seeds that reached it (<= x: all of them at their first evaluation):",
               f"{'variant':<24}{'TFLOP spent':>12}{'reached':>9}{'TFLOP to target':>26}{'speedup (FLOPs)':>26}"
               f"{'speedup (samples)':>26}{'speedup (wall s)':>26}{'device-h':>10}"]
     for r in s:
         lines.append(f"{r['variant']:<24}{get(r, 'train_tflops'):>12.3f}{r['reached_target']:>9}"
-                     f"{_range(get(r, 'tflops_to_target'), get(r, 'tflops_to_target_lo'), get(r, 'tflops_to_target_hi'), '.3f'):>26}"  # noqa: E501
+                     f"{_time(r, 'tflops', '.3f'):>26}"
                      f"{_range(get(r, 'speedup_tflops'), get(r, 'speedup_tflops_lo'), get(r, 'speedup_tflops_hi'), '.2f'):>26}"  # noqa: E501
                      f"{_range(get(r, 'speedup_samples'), get(r, 'speedup_samples_lo'), get(r, 'speedup_samples_hi'), '.2f'):>26}"  # noqa: E501
                      f"{_range(get(r, 'speedup_seconds'), get(r, 'speedup_seconds_lo'), get(r, 'speedup_seconds_hi'), '.2f'):>26}"  # noqa: E501
@@ -226,24 +267,46 @@ def verdicts(summary: pd.DataFrame) -> list[str]:
         if r["variant"] != summary.attrs.get("baseline"):
             out += _target_not_learnt(r, summary.attrs)
         lo, hi = r.get("speedup_tflops_lo", float("nan")), r.get("speedup_tflops_hi", float("nan"))
+        if r["variant"] != summary.attrs.get("baseline") and math.isnan(summary.attrs.get("target", math.nan)):
+            continue  # format_summary says once why there is no target
         if r["variant"] != summary.attrs.get("baseline") and not math.isnan(lo):
-            where = ("below 1x (slower than the baseline)" if hi < 1 else "above 3x" if lo > 3 else
-                     "at least 1x but below 3x" if lo >= 1 and hi < 3 else
-                     "spans 1x (not separable from the baseline)" if lo < 1 <= hi else "spans 3x")
-            bound = r.get("censoring", "")
-            note = {"lower": "; a lower bound (a first-evaluation crossing, or baseline seeds that never reached "
-                             "the target)",
-                    "upper": "; an upper bound (seeds of this variant that never reached the target, or a "
-                             "baseline first-evaluation crossing)",
-                    "both": "; censored both ways (first-evaluation crossings and seeds that never reached the "
-                            "target): read with care"}.get(bound, "")
-            out.append(f"{r['variant']}: FLOPs speedup {r['speedup_tflops']:.2f}x [{lo:.2f}, {hi:.2f}]: {where}{note}")
+            claim = speedup_claim(lo, hi, r.get("censoring", ""))
+            out.append(f"{r['variant']}: FLOPs speedup {r['speedup_tflops']:.2f}x [{lo:.2f}, {hi:.2f}]: {claim}")
         elif r["variant"] != summary.attrs.get("baseline"):
             base = summary.attrs.get("baseline")
             base_reached = next((b["reached_target"] for b in summary.to_dict("records") if b["variant"] == base), "-")
             out.append(f"{r['variant']}: no FLOPs speedup interval: it needs >= 2 seeds reaching the target on both "
                        f"sides ({r['variant']} {r['reached_target']}, {base} {base_reached})")
     return out
+
+
+# Why a speed-up is one-sided, by `bound_of`'s answer.
+CENSORING_CAUSES = {
+    "lower": "a lower bound: this variant met the target at a first evaluation, or baseline seeds never did",
+    "upper": "an upper bound: seeds of this variant never met the target, or the baseline met it at a first "
+             "evaluation",
+    "both": "censored both ways (first-evaluation crossings and seeds that never met the target)"}
+
+
+def speedup_claim(lo: float, hi: float, bound: str) -> str:
+    """What a FLOPs speed-up interval [lo, hi] supports about 1x and 3x, given its censoring.
+
+    A lower bound (the true speed-up may be larger) supports only "at least" claims; an upper bound only
+    "below" claims; a two-sided censoring supports none.
+    """
+    if bound == "both":
+        return f"no claim: {CENSORING_CAUSES['both']}"
+    if bound == "lower":
+        claim = ("above 3x" if lo > 3 else "at least 1x; 3x is not excluded" if lo >= 1 else
+                 "no claim: its interval reaches below 1x and the true speed-up may be larger")
+        return f"{claim} ({CENSORING_CAUSES['lower']})"
+    if bound == "upper":
+        claim = ("below 1x (slower than the baseline)" if hi < 1 else "below 3x; faster than 1x is not shown"
+                 if hi < 3 else "no claim: its interval reaches above 3x and the true speed-up may be smaller")
+        return f"{claim} ({CENSORING_CAUSES['upper']})"
+    return ("below 1x (slower than the baseline)" if hi < 1 else "above 3x" if lo > 3 else
+            "at least 1x but below 3x" if lo >= 1 and hi < 3 else
+            "spans 1x (not separable from the baseline)" if lo < 1 <= hi else "spans 3x")
 
 
 # target metric -> (the no-model reference a target must clear to show learning, its half-width, its name)
