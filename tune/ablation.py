@@ -75,9 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="equal training FLOPs (default), equal device seconds, or equal steps (contrast)")
     p.add_argument("--budget", type=float, default=1.6,
                    help="per trial: TFLOP (--budget-by flops), device seconds (time) or steps (steps)")
-    p.add_argument("--evals", type=int, default=4, help="evaluations per trial, at equal fractions of its training FLOPs")
+    p.add_argument("--evals", type=int, default=4,
+                   help="evaluations per trial, at equal fractions of its training FLOPs")
     p.add_argument("--target-metric", choices=TARGET_METRICS, default="val_psnr",  # comparable across spaces
-                   help="the metric time-to-target is measured on (target: the baseline's worst final value over seeds)")
+                   help="the metric time-to-target is measured on (target: the baseline's worst final over seeds)")
     add_shared_flags(p, name="ablation")  # the data, the placement, --storage/--name/--resume: as the search
     return p.parse_args(argv)
 
