@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -164,6 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_distributed(cfg: TrainConfig, cluster: ClusterConfig, address: str | None) -> int:
+    from ray.train import TrainingFailedError
+
     from lmd.data.images import ImageSourceError
     from lmd.data.store import StoreError
     from lmd.distributed import fit_distributed, run_name
@@ -173,6 +176,7 @@ def _train_distributed(cfg: TrainConfig, cluster: ClusterConfig, address: str | 
     from lmd.projector import ProjectorError
 
     cluster.validate(cfg)
+    failed = ""
     w, c, g = cluster.workers, cluster.cpus_per_worker, cluster.gpus_per_worker
     if g and local_ray(address) and torch_gpus() < w * g:  # a local Ray never grows: it would wait forever
         fail(f"--workers={w} x --gpus-per-worker={g:g}: this machine has {torch_gpus()} GPUs", EXIT_USAGE)
@@ -193,19 +197,32 @@ def _train_distributed(cfg: TrainConfig, cluster: ClusterConfig, address: str | 
         result = fit_distributed(cfg, cluster)
     except NotEnoughResources as err:
         fail(str(err), EXIT_USAGE)
+    except TrainingFailedError as err:  # Train V2's fit() raises once its FailureConfig is spent
+        failed = f"training failed after --max-failures={cluster.max_failures} restarts: {_first_cause(err)}"
     except (StoreError, ProjectorError, ImageSourceError) as err:
         fail(str(err), EXIT_RUNTIME)
     finally:
-        _shutdown_ray()
+        _shutdown_ray()  # first: Ray flushes the workers' forwarded logs then, so the error below is the last line
         if lock is not None:
             lock.release()
-    if result.error is not None:
-        fail(f"training failed: {str(result.error).splitlines()[0]}", EXIT_RUNTIME)
+    if failed:
+        fail(failed, EXIT_RUNTIME)
     print(json.dumps({"run": str(result.path), "step": result.metrics.get("step"),
                       "final_loss": result.metrics.get("loss_last"),
                       "checkpoint": result.checkpoint.path if result.checkpoint else None,
                       "workers": result.metrics.get("workers"), "num_nodes": result.metrics.get("num_nodes")}))
     return 0
+
+
+def _first_cause(err: BaseException) -> str:
+    """One line for a failed Train run: the lowest rank's own error (Ray wraps it with its traceback)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    cause: BaseException = failures[min(failures)] if failures else err
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    # A wrapped worker error ends with the original "Type: message" line after its traceback.
+    named = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))]
+    where = f"rank {min(failures)}: " if failures else ""
+    return where + (named[-1] if named else type(cause).__name__)
 
 
 def torch_gpus() -> int:
@@ -246,15 +263,21 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         # Object stores have no lock: there, one build per store is the user's to ensure (lmd.data.location).
         if out.is_local:
             check_free(out.local_path / LOCK_FILE, f"latent store {out}")
-        # Planning needs no Ray: a bad dataset or a refused store fails before a cluster is joined.
-        build = plan_build(out, args.dataset, projector, args.resolution, args.limit, args.num_val,
-                           shard_size=args.shard_size, batch_size=args.batch_size)
+            # Held before planning, which writes (the plan) and deletes (a killed run's partial shards): a
+            # builder that won the lock since the check above would lose its in-flight files. Released below.
+            created = not out.local_path.exists()
+            lock = hold(out.local_path / LOCK_FILE, f"latent store {out}")
+        try:  # planning needs no Ray: a bad dataset or a refused store fails before a cluster is joined
+            build = plan_build(out, args.dataset, projector, args.resolution, args.limit, args.num_val,
+                               shard_size=args.shard_size, batch_size=args.batch_size)
+        except Exception:
+            if lock is not None and created:  # bad input leaves nothing behind: this folder is ours alone
+                lock.release()
+                shutil.rmtree(out.local_path, ignore_errors=True)
+            raise
         pool = None  # a complete store (or one whose shards are all written) needs no cluster
         if build.chunks():
             import ray
-
-            if out.is_local:
-                lock = hold(out.local_path / LOCK_FILE, f"latent store {out}")  # released below
 
             started_ray = not ray.is_initialized()
             init_ray(args.address)  # a wrong address: ClusterUnreachable, one line from main()

@@ -169,6 +169,12 @@ def fit_distributed(cfg: TrainConfig, cluster: ClusterConfig, callbacks: list | 
 
         # Built once and checked against the run (hashed, unless the caller did) before any worker starts.
         root, _ = resolve_store(cfg, verify_checksums=verify_checksums)
+        if root.is_local:
+            # The workers open the store the driver checked, by its absolute path: they run in other working
+            # directories (a relative --latents named nothing there), and with the default cache each one would
+            # otherwise build its own copy, racing the others on its node for the store's lock. On a multi-node
+            # cluster the path must be on storage every node sees (or an s3:// store).
+            cfg = replace(cfg, data=replace(cfg.data, latents=str(root.local_path.absolute())))
         loader = resolve_loader(cfg.data.loader, read_manifest(root / "train"), cfg.data.memory_limit_mb)
         if loader == "ray":  # each worker reads whole lanes (a worker's reads ask for no CPU: reader_options)
             check_stream_split(cfg, cluster.workers, "--workers")

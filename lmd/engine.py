@@ -59,8 +59,10 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 EVAL_SEED = 20_240_101  # evaluation masks are the same at every eval, in every run
 # Fields that may change between a run and its resumption without changing what it computes.
+# data.latents names where the store is (a moved store, or the absolute path Ray Train workers get); what it holds is
+# checked against the run by the store's validation, not by its name.
 RESUMABLE_CHANGES = {"run.log_every", "run.eval_every", "run.evals", "run.ckpt_every", "run.keep_last", "run.device",
-                     "run.precision", "run.compile", "run.compile_mode"}
+                     "run.precision", "run.compile", "run.compile_mode", "data.latents"}
 
 
 class NonFiniteLossError(RuntimeError):

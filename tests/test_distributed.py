@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,6 +227,28 @@ def test_read_tasks_started_inside_a_placement_group_run_on_its_node(two_node_cl
     placed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len({node for node, _ in placed}) == 2, placed  # one group per node
     assert all(readers == [node] for node, readers in placed), placed
+
+
+def test_workers_open_a_relative_store_and_a_failed_run_ends_in_one_line(tmp_path):
+    """Ray Train workers run in other working directories: they get the store the driver checked by its absolute
+    path. The run then diverges (a huge learning rate) on every attempt: Train V2's fit() raises, and the CLI
+    says so in one line naming the rank's own error (which also shows that rank read the relative store)."""
+    from lmd.data.latents import build_store
+    from lmd.projector import IdentityProjector
+
+    build_store(tmp_path / "store", "bundled", IdentityProjector(), 32, num_train=32, num_val=8, progress=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmd.cli", "train", "--workers", "2", "--latents", "store", "--projector", "identity",
+         "--resolution", "32", "--preset", "tiny", "--patch-size", "4", "--batch-size", "8", "--num-train", "32",
+         "--num-val", "8", "--steps", "10", "--log-every", "2", "--lr", "1e6", "--max-failures", "0",
+         "--storage", str(tmp_path / "runs"), "--name", "diverges"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lmd: error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(r"lmd: error: training failed after --max-failures=0 restarts: rank \d: loss became (nan|inf) "
+                        r"before step \d+; stopped without saving\. Last good checkpoint: none\. .*", errors[0]), errors
+    # Ray forwards the workers' own logs (their traceback among them) above it; the verdict is the last line.
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
 
 
 def test_unreachable_address_is_one_clear_line():

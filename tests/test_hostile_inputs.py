@@ -244,6 +244,42 @@ def test_a_second_builder_of_one_store_is_refused_before_it_encodes(tmp_path):
         holder.wait()
 
 
+def test_a_builder_that_takes_the_store_after_the_early_check_keeps_its_in_flight_files(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The race between the early check and the lock: the lock is taken before planning, which would delete a
+    running builder's temporary files as a killed run's leftovers."""
+    import lmd.cli
+    import lmd.locks
+    from lmd.io import TMP_PREFIX
+
+    store = tmp_path / "store"
+    holder = _lock_holder(store / ".lock")  # won the store after this command's early check (made a no-op here)
+    in_flight = store / "train" / f"{TMP_PREFIX}shard-00000.parquet.inflight"
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"being written")
+    monkeypatch.setattr(lmd.locks, "check_free", lambda *_: None)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            lmd.cli.main(["precompute", "--projector", "identity", "--resolution", "32", "--limit", "8", "--num-val",
+                          "4", "--out", str(store)])
+        assert exit_info.value.code == 1 and f"is in use by process {holder.pid}" in capsys.readouterr().err
+        assert in_flight.read_bytes() == b"being written"
+        assert sorted(p.name for p in (store / "train").iterdir()) == [in_flight.name]  # no plan written either
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_bad_dataset_leaves_no_store_folder_behind(tmp_path, capsys):
+    from lmd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["precompute", "--dataset", str(tmp_path / "no-such-images"), "--projector", "identity", "--resolution",
+              "32", "--out", str(tmp_path / "store")])
+    assert exit_info.value.code == 1 and str(tmp_path / "no-such-images") in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
 def test_two_lmd_train_into_one_run_directory_the_second_is_refused(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
