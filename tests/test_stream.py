@@ -127,6 +127,7 @@ def test_stream_serves_the_plan_across_epochs_from_one_pipeline(ray_session, pix
 
 
 def test_a_shard_replaced_mid_stream_stops_it_with_one_line_naming_the_file(ray_session, pixel_store, tmp_path):
+    import os
     import shutil
 
     from lmd.data.stream import RayLatentStream
@@ -135,14 +136,40 @@ def test_a_shard_replaced_mid_stream_stops_it_with_one_line_naming_the_file(ray_
     shutil.copytree(pixel_store / "train", train)
     stream = RayLatentStream(train, 16, seed=3, lanes=4, window_items=12, total_steps=24)
     stream.batch(0)
-    # Same size, another position in the store: only the per-task check can see it.
-    (train / "shard-00003.parquet").write_bytes((train / "shard-00004.parquet").read_bytes())
+    # Same size, another position in the store, and the old modification time kept (as `cp -p` would): only the
+    # per-task index check can see it.
+    shard, stat = train / "shard-00003.parquet", (train / "shard-00003.parquet").stat()
+    shard.write_bytes((train / "shard-00004.parquet").read_bytes())
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     before = {p.name: p.read_bytes() for p in train.iterdir()}
     with pytest.raises(StoreError) as caught:
         for t in range(1, 24):
             stream.batch(t)
     assert str(caught.value).startswith(f"{train / 'shard-00003.parquet'}: index:") and "\n" not in str(caught.value)
     assert {p.name: p.read_bytes() for p in train.iterdir()} == before  # nothing written
+    stream.close()
+
+
+def test_a_shard_reencoded_in_place_mid_stream_stops_it(ray_session, pixel_store, tmp_path):
+    """Same size and same position (a re-encoded shard of a fixed-width store): only its modification time differs
+    from the file the stream opened."""
+    import os
+    import shutil
+
+    from lmd.data.stream import RayLatentStream
+
+    train = tmp_path / "train"
+    shutil.copytree(pixel_store / "train", train)
+    stream = RayLatentStream(train, 16, seed=3, lanes=4, window_items=12, total_steps=24)
+    stream.batch(0)
+    shard = train / "shard-00003.parquet"
+    (train / "new.tmp").write_bytes(shard.read_bytes())  # written anew, then renamed over it: as a writer does
+    os.utime(train / "new.tmp", ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1_000_000))
+    os.replace(train / "new.tmp", shard)
+    with pytest.raises(StoreError) as caught:
+        for t in range(1, 24):
+            stream.batch(t)
+    assert str(caught.value).startswith(f"{shard}: modified at ") and "(replaced mid-run)" in str(caught.value)
     stream.close()
 
 

@@ -165,6 +165,17 @@ class Location:
             raise FileNotFoundError(f"{self}: no such object")
         return int(info.size)
 
+    def stat(self) -> tuple[int, int | None]:
+        """(bytes, modification time in ns or None) of the file, from one stat or HEAD (FileNotFoundError when
+        there is none)."""
+        if self._local is not None:
+            st = self._local.stat()
+            return st.st_size, st.st_mtime_ns
+        info = self._info()
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{self}: no such object")
+        return int(info.size), info.mtime_ns
+
     def names(self) -> list[str]:
         """Names directly inside this folder ([] when there is none)."""
         if self._local is not None:

@@ -82,12 +82,18 @@ def ray_dataset(store_dir: Where, *, verify_checksums: bool = False) -> ray.data
 
 
 # ---------------------------------------------------------------------------------------------- windows
-def _shard_rows(path: Location, rows: int, first: int, width: int, size: int) -> np.ndarray:
-    """Shard `path`'s latents as raw bytes [rows, width], after checking it is the shard the manifest names."""
+def _shard_rows(path: Location, rows: int, first: int, width: int, size: int,
+                mtime_ns: int | None = None) -> np.ndarray:
+    """Shard `path`'s latents as raw bytes [rows, width], after checking it is the shard the manifest names and,
+    when `mtime_ns` is given, the file the stream opened (a re-encoded shard has the same size: shards are
+    fixed-width and uncompressed)."""
     try:
-        actual = path.size()
+        actual, modified = path.stat()
         if actual != size:
             raise StoreError(f"{path}: bytes: {actual}, manifest says {size} (replaced or truncated mid-run)")
+        if mtime_ns is not None and modified is not None and modified != mtime_ns:
+            raise StoreError(f"{path}: modified at {modified} ns, {mtime_ns} ns when the stream opened the store "
+                             "(replaced mid-run)")
         table = path.parquet().read(columns=["index", "latent"])
     except (OSError, pa.ArrowException) as err:
         raise StoreError(f"{path}: Parquet unreadable ({type(err).__name__}: {err})") from None
@@ -132,7 +138,8 @@ def _read_window(task: dict[str, np.ndarray], root: Location, plan: StreamPlan, 
     out = np.empty((len(ids), width), dtype=np.uint8)
     for k in np.unique(shard_of):  # each shard the window touches is read once
         shard, mine = shards[k], shard_of == k
-        rows = _shard_rows(root / shard["file"], shard["rows"], int(starts[k]), width, shard["bytes"])
+        rows = _shard_rows(root / shard["file"], shard["rows"], int(starts[k]), width, shard["bytes"],
+                           shard.get("mtime_ns"))
         out[mine] = rows[ids[mine] - starts[k]]
     return {"latent": out, "index": ids}
 
@@ -171,6 +178,9 @@ class RayLatentStream:
         _require_ray()
         self.store_dir = Location.of(store_dir).absolute()
         self.manifest = validate_store(self.store_dir, verify_checksums=verify_checksums)
+        listed = self.store_dir.files()  # each shard's modification time now: its read tasks check it is unchanged
+        self.shards = [{**shard, "mtime_ns": listed.get(shard["file"], (0, None))[1]}
+                       for shard in self.manifest["shards"]]
         self.count: int = self.manifest["count"]
         try:
             self.plan = StreamPlan(tuple(s["rows"] for s in self.manifest["shards"]), batch_size, seed, lanes,
@@ -229,7 +239,7 @@ class RayLatentStream:
         ds = ds.map_batches(_read_window, batch_size=1, batch_format="numpy", **reader_options(),
                             compute=ray.data.TaskPoolStrategy(size=self.readers),
                             fn_kwargs={"root": self.store_dir, "plan": self.plan, "lanes": self.lanes,
-                                       "shards": self.manifest["shards"], "width": self.width})
+                                       "shards": self.shards, "width": self.width})
         self._iter = iter(ds.iter_batches(batch_size=self.local_batch, batch_format="numpy", prefetch_batches=2))
         self._next_step = step
 
