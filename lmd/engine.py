@@ -43,7 +43,7 @@ from lmd.device import autocast_dtype
 from lmd.evaluation import reconstruction_psnr
 from lmd.flops import device_peak_flops, evaluation_steps, step_flops, train_flops_until
 from lmd.io import write_json_atomic, write_text_atomic
-from lmd.masking import mask_ratio, shape_ratio
+from lmd.masking import mask_ratio, num_visible, shape_ratio
 from lmd.model import MaskedLatentTransformer, build_model
 from lmd.optim import build_optimizer, set_lr, warmup_cosine
 from lmd.probe import linear_probe
@@ -360,6 +360,7 @@ class Engine:
         # deterministic axis that equal-compute comparisons use.
         flops = train_flops_until(self.cfg, self.step)
         eval_steps = evaluation_steps(self.cfg, run.evals)  # empty unless run.evals: then at equal FLOP fractions
+        patches = self.cfg.model.num_patches
         since = (self.step, self.wall_offset, flops)  # throughput is measured over each log interval
 
         with self.metrics_path.open("a") as metrics, contextlib.closing(self):
@@ -398,6 +399,8 @@ class Engine:
                         "wall_seconds": round(self.wall_offset, 4), "train_flops": flops,
                         "loss": sum(losses) / len(losses),
                         "loss_last": last_loss, "mask_ratio": ratio, "lr": lr,
+                        # What the step trained at: the scheduled ratio rounded to whole masked patches.
+                        "masked_fraction": 1 - num_visible(patches, ratio) / patches,
                         **throughput(since, (self.step, self.wall_offset, flops), self.cfg.data.batch_size,
                                      self.peak_flops),
                         **({"compiled_graphs": (compiled_graphs() or 0) - self._graphs_before}

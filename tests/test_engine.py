@@ -62,6 +62,11 @@ def test_metrics_rows_carry_the_documented_fields(tmp_path):
     assert all(math.isfinite(r["val_masked_mse_fixed"]) and r["eval_ratio"] == 0.75 for r in evals)
     assert rows[-1]["samples_seen"] == 20 * 8
     assert rows[0]["mask_ratio"] < rows[-1]["mask_ratio"] == pytest.approx(0.75)
+    # What was trained: a whole number of masked patches (the scheduled ratio, rounded).
+    cfg = tiny_config()
+    assert all(r["masked_fraction"] * cfg.model.num_patches == pytest.approx(
+        round(r["masked_fraction"] * cfg.model.num_patches)) for r in rows)
+    assert rows[-1]["masked_fraction"] == pytest.approx(0.75)
 
 
 def test_evals_fall_at_equal_fractions_of_the_runs_flops_and_are_checkpointed(tmp_path):

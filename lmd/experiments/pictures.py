@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lmd.checkpoint import load_checkpoint
 from lmd.config import TrainConfig
 from lmd.evaluation import PSNR_SEED, reconstruct
-from lmd.experiments.results import final_rows, trial_id_of
+from lmd.experiments.results import complete_trials, final_rows, trial_id_of
 from lmd.io import atomic_path
 from lmd.masking import num_visible, random_masking
 from lmd.model import build_model
@@ -37,11 +37,16 @@ MASK_GREY = 0.5
 
 
 def representative_trials(table: pd.DataFrame, pick: str = "median", metric: str = "val_psnr") -> dict[str, str]:
-    """variant -> trial_id of the trial whose final `metric` is the (lower) median (or the best) of that variant."""
+    """variant -> trial_id of the trial whose final `metric` is the (lower) median (or the best) of that variant.
+
+    Among the trials that trained to the end of their budget when a variant has any: a trial an early-stopping
+    scheduler cut short ended at another budget, and its last value is not a final one."""
     final = final_rows(table, metric)
+    done = set(complete_trials(table)[0]["trial_id"])
     chosen = {}
     for variant, group in final.groupby("variant"):
-        ordered = group.sort_values([metric, "trial_id"])
+        full = group[group["trial_id"].isin(done)]
+        ordered = (full if not full.empty else group).sort_values([metric, "trial_id"])
         chosen[str(variant)] = str(ordered["trial_id"].iloc[(len(ordered) - 1) // 2 if pick == "median" else -1])
     return chosen
 

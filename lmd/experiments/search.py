@@ -160,13 +160,18 @@ def reference_report(table: pd.DataFrame, metric: str, references: list[dict[str
     interval (the random encoders' 95% interval; the fill and the raw probe are single numbers)."""
     final = final_rows(table, metric).set_index("trial_id")
     refs = reference_columns(references).set_index("variant") if references else pd.DataFrame()
-    lines = [f"each scheduler's best trial by {metric}, next to its references:"]
+    lines = [f"each scheduler's best trial by {metric} (among those that trained to the end of the budget), next "
+             "to its references. Picked as the best of its scheduler's trials on this same validation split, its "
+             "margin over a reference is optimistic:"]
     for scheduler, trial_id in sorted(representative_trials(table, "best", metric).items()):
         row = final.loc[trial_id]
         ref = refs.loc[scheduler] if scheduler in refs.index else pd.Series(dtype=float)
         value = {column: float(row.get(column, math.nan)) for column in ("val_psnr", "val_probe_acc")}
         known = {column: float(ref.get(column, math.nan)) for column in refs.columns} | value
-        text = (f"  {scheduler} ({trial_id}): PSNR {_shown(known, 'val_psnr', '.2f')} dB (no-model fill "
+        total = float(row.get("total_steps", math.nan))
+        stopped = (f", stopped early at step {int(row['step'])} of {int(total)}: no trial of it finished"
+                   if not math.isnan(total) and row["step"] < total else "")
+        text = (f"  {scheduler} ({trial_id}{stopped}): PSNR {_shown(known, 'val_psnr', '.2f')} dB (no-model fill "
                 f"{_shown(known, 'fill_psnr', '.2f')}, ceiling {_shown(known, 'ceiling_psnr', '.2f')})")
         if not math.isnan(value["val_probe_acc"]):
             text += (f"; probe {value['val_probe_acc']:.3f} (random encoder {_shown(known, 'random_probe_acc', '.3f')}"
