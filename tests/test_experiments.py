@@ -161,6 +161,8 @@ def test_without_the_baseline_there_is_no_target_and_the_summary_says_why():
 @pytest.mark.parametrize("lo, hi, bound, claim", [
     (1.2, 2.0, "", "at least 1x but below 3x"),
     (0.8, 2.0, "", "spans 1x (not separable from the baseline)"),
+    (1.4, 3.5, "", "above 1x, and 3x lies within its interval"),
+    (0.8, 3.5, "", "spans 1x (not separable from the baseline)"),
     (1.2, 2.0, "lower", "at least 1x; 3x is not excluded"),  # a lower bound cannot exclude 3x
     (3.2, 5.0, "lower", "above 3x"),
     (0.5, 0.9, "lower", "no claim: its interval reaches below 1x"),  # nor show a slowdown
