@@ -129,7 +129,7 @@ SAMPLES = {
     "data.dataset": "synthetic", "data.projector": "identity", "data.resolution": 64, "data.latents": "<tmp>",
     "data.loader": "memory", "data.stream_lanes": 4, "data.stream_window": 512,
     "data.batch_size": 32, "data.num_train": 512, "data.num_val": 32,
-    "data.num_probe": 20, "run.steps": 7, "run.seed": 3, "run.log_every": 2, "run.eval_every": 3,
+    "data.num_probe": 20, "run.steps": 7, "run.seed": 3, "run.log_every": 2, "run.eval_every": 3, "run.evals": 5,
     "run.ckpt_every": 4, "run.keep_last": 5, "run.device": "cpu", "run.precision": "fp32", "run.compile": True,
     "run.compile_mode": "reduce-overhead",
     "cluster.workers": 2, "cluster.gpus_per_worker": 0.5, "cluster.cpus_per_worker": 2.0,
