@@ -490,6 +490,26 @@ def test_a_trial_stopped_early_is_not_a_best_trial_unless_none_of_its_scheduler_
     assert report["uniform"].startswith("(c, stopped early at step 10 of 20: no trial of it finished): PSNR 13.00 dB")
 
 
+def test_the_searchs_best_line_names_a_finished_trial():
+    from types import SimpleNamespace
+
+    from lmd.experiments.search import best_trial
+
+    def result(value: float, step: int, lr: float) -> SimpleNamespace:
+        return SimpleNamespace(metrics={"val_probe_acc": value, "step": step, "total_steps": 200},
+                               config={"lr": lr, "trial": {}})
+
+    class Grid(list):  # what best_trial reads of a ResultGrid: its results, and Tune's own pick as the fallback
+        def get_best_result(self, metric, mode, scope):
+            return max(self, key=lambda r: r.metrics[metric])
+
+    stopped, finished = result(0.81, 100, 1e-3), result(0.79, 200, 2e-3)
+    assert best_trial(Grid([stopped, finished]), "val_probe_acc", "max") == (
+        "best val_probe_acc=0.790 with {'lr': 0.002}")
+    assert best_trial(Grid([stopped]), "val_probe_acc", "max") == (
+        "best val_probe_acc=0.810 (stopped early at step 100: no trial finished) with {'lr': 0.001}")
+
+
 def test_the_search_report_says_which_references_a_best_trial_beats_and_which_are_missing():
     from lmd.experiments.search import reference_report
 

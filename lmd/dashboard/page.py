@@ -115,8 +115,8 @@ def curve_panels(exp: Experiment, summary: pd.DataFrame | None) -> list[Panel]:
             what += (" A search's references are each scheduler's, computed for the geometry (depths) of its best "
                      f"trial; its random-encoder band is over {inits} initialisations.")
     if not math.isnan(a.get("target", float("nan"))):
-        what += (f" Thick black dash-dot: the target ({a['target_metric']} = {a['target']:.4g}, {a['baseline']}'s worst "
-                 "final value over seeds: a level each of its seeds reaches).")
+        what += (f" Thick black dash-dot: the target ({a['target_metric']} = {a['target']:.4g}, {a['baseline']}'s "
+                 "worst final value over seeds: a level each of its seeds reaches).")
     kwargs = {"per_trial": search, "references": exp.references, "target": a.get("target", float("nan")),
               "target_metric": a.get("target_metric", "")}
     panels = []

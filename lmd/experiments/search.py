@@ -66,14 +66,22 @@ def search_base(base: TrialBase, placement: Placement, steps: int, eval_every: i
 
 
 def best_trial(results: Any, metric: str, mode: str) -> str:
-    """One line: the best trial's final `metric` and the values Optuna sampled for it."""
-    try:
-        best = results.get_best_result(metric=metric, mode=mode, scope="last")
-    except RuntimeError:
-        return f"best: no trial reported {metric}"
+    """One line: the best trial's final `metric` and the values Optuna sampled for it, among the trials that
+    trained to the end of the budget (an ASHA-stopped trial's last value is at a smaller budget)."""
+    finished = [r for r in results if r.metrics and r.metrics.get(metric) is not None
+                and r.metrics.get("step", 0) >= r.metrics.get("total_steps", 0)]
+    if finished:
+        best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics[metric])
+        stopped = ""
+    else:
+        try:
+            best = results.get_best_result(metric=metric, mode=mode, scope="last")
+        except RuntimeError:
+            return f"best: no trial reported {metric}"
+        stopped = f" (stopped early at step {best.metrics.get('step')}: no trial finished)" if best.metrics else ""
     value = best.metrics.get(metric) if best.metrics else None
     sampled = {k: v for k, v in best.config.items() if k != "trial"}  # "trial": the TrialSpec built from them
-    return f"best {metric}={value if value is not None else math.nan:.3f} with {sampled}"
+    return f"best {metric}={value if value is not None else math.nan:.3f}{stopped} with {sampled}"
 
 
 TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute: which Tune trial an Optuna trial was asked for

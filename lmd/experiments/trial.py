@@ -239,7 +239,7 @@ def _run_distributed_trial(spec: TrialSpec) -> None:
     cluster = ClusterConfig(workers=where.workers, cpus_per_worker=where.cpus / where.workers,
                             gpus_per_worker=where.gpus / where.workers, storage=where.train_storage,
                             name=tune.get_context().get_trial_id(), max_failures=where.max_failures)
-    result = fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=trial_tags(spec), replay_history=True,
-                             verify_checksums=False)  # the experiment's driver hashed the store (`build_stores`)
-    if result.error is not None:
-        raise result.error
+    # Train V2's fit() raises TrainingFailedError once the run's FailureConfig is spent: the trial then fails with it
+    # (and Tune's own FailureConfig decides whether it is retried).
+    fit_distributed(cfg, cluster, callbacks=[TuneReportCallback()], tags=trial_tags(spec), replay_history=True,
+                    verify_checksums=False)  # the experiment's driver hashed the store (`build_stores`)
