@@ -341,6 +341,19 @@ def test_a_trial_tune_saved_but_its_searcher_did_not_gets_its_optuna_trial_back(
     assert asked == {**trials[2].params}
 
 
+def test_a_trial_asha_stopped_goes_to_optuna_as_pruned_with_its_intermediate_values(tmp_path):
+    searcher = _resumable_searcher(tmp_path)
+    searcher.suggest("stopped"), searcher.suggest("finished")
+    for step, value in ((10, 9.0), (20, 10.0)):
+        searcher.on_trial_result("stopped", {"val_psnr": value, "training_iteration": step // 10})
+    searcher.on_trial_complete("stopped", {"val_psnr": 10.0, "step": 20, "total_steps": 40, "training_iteration": 2})
+    searcher.on_trial_complete("finished", {"val_psnr": 11.0, "step": 40, "total_steps": 40, "training_iteration": 4})
+    stopped, finished = _study(tmp_path)
+    assert stopped.state == optuna.trial.TrialState.PRUNED  # (Optuna keeps its last intermediate value as its value)
+    assert stopped.intermediate_values == {1: 9.0, 2: 10.0}  # what TPE ranks a pruned trial by
+    assert finished.state == optuna.trial.TrialState.COMPLETE and finished.value == 11.0
+
+
 def test_both_scripts_share_the_placement_and_data_flags():
     ablation, search = (tune_script(name).parse_args([]) for name in ("ablation", "search"))
     shared = ("preset", "dataset", "projector", "resolution", "batch_size", "num_train", "num_val", "num_probe",

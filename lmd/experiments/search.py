@@ -118,6 +118,18 @@ class ResumableOptunaSearch(OptunaSearch):
                 orphans.append(t._trial_id)
         self._orphans = tuple(orphans)
 
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        """A trial the scheduler (ASHA) stopped before its budget's end goes to Optuna as PRUNED: its last value
+        is from a smaller budget, and Optuna's TPE ranks pruned trials by their intermediate values (reported at
+        every evaluation), where plain OptunaSearch would record that value as a finished trial's."""
+        stopped = (result is not None and not error and trial_id not in self._completed_trials
+                   and trial_id in self._ot_trials and result.get("step", 0) < result.get("total_steps", 0))
+        if not stopped:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if trial_id not in self._ot_trials and self._orphans:
             self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._orphans[0])
