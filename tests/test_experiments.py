@@ -95,6 +95,22 @@ def _two_variant_rows(pixel_psnr=((10.0, 12.0), (11.0, 13.0)), lmd_gain=2.0) -> 
     return rows
 
 
+def test_device_seconds_use_the_devices_each_trial_held():
+    """A resumed experiment keeps each trial on the resources it started with, whatever its flags now say: each
+    row's own "devices" tag (from its TrialSpec) prices its wall seconds; rows without one fall back to the flags."""
+    from types import SimpleNamespace
+
+    from lmd.experiments.results import tidy_table
+
+    def result(name: str, devices: float | None) -> SimpleNamespace:
+        rows = pd.DataFrame({"variant": ["v"], "seed": [0], "step": [10], "samples_seen": [10], "wall_seconds": [30.0],
+                             **({"devices": [devices]} if devices is not None else {})})
+        return SimpleNamespace(metrics_dataframe=rows, path=f"/exp/{name}")
+
+    table = tidy_table([result("two_gpus", 2.0), result("untagged", None)], devices_per_trial=4.0).set_index("trial_id")
+    assert table.loc["two_gpus", "device_seconds"] == 60.0 and table.loc["untagged", "device_seconds"] == 120.0
+
+
 def test_summary_statistics_and_time_to_target_at_equal_compute():
     rows = _two_variant_rows(lmd_gain=0.5)
     refs = [{"reference": "fill", "variant": v, "metric": "val_psnr", "mean": 12.9, "ci95": 0.0, "n": 1}

@@ -56,7 +56,10 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
             table[column] = float("nan")
     for column in PLACEMENT_COLUMNS:  # absent or NaN for rows of in-process trials: one worker on one node
         table[column] = table[column].fillna(1).astype("int64") if column in table else 1
-    table["device_seconds"] = table["wall_seconds"] * devices_per_trial
+    # Each row's own trial's devices (what Tune placed it on; a resumed experiment may place trials anew), else the
+    # experiment's flags (rows of trials that predate the "devices" tag).
+    devices = table["devices"].astype(float) if "devices" in table else pd.Series(float("nan"), index=table.index)
+    table["device_seconds"] = table["wall_seconds"] * devices.fillna(devices_per_trial)
     # A trial resumed after a driver crash may report a step again (from its last checkpoint): keep the newest.
     table = table.drop_duplicates(["trial_id", "step"], keep="last")
     table = table[COLUMNS]

@@ -179,11 +179,14 @@ def trial_dirname(trial: Any) -> str:
 
 
 def trial_tags(spec: TrialSpec) -> dict[str, Any]:
-    """Columns added to every reported row: what the trial is, so results read without its config."""
-    cfg, m = spec.cfg, spec.cfg.mask
+    """Columns added to every reported row: what the trial is, so results read without its config, and what one
+    of its wall seconds costs in device seconds (its GPUs, else its CPUs: the resources `trial_resources` gives
+    it from its own spec, which a resumed experiment keeps whatever its flags say now)."""
+    cfg, m, where = spec.cfg, spec.cfg.mask, spec.placement
     return {"variant": spec.variant, "seed": spec.seed, "scheduler": m.scheduler, "mask_start": m.start,
             "mask_end": m.end, "mask_ramp": m.ramp, "projector": cfg.data.projector, "preset": cfg.model.preset,
-            "total_steps": cfg.run.steps, "patch_size": cfg.model.patch_size, "tokens": cfg.model.num_patches}
+            "total_steps": cfg.run.steps, "patch_size": cfg.model.patch_size, "tokens": cfg.model.num_patches,
+            "devices": float(where.gpus or where.cpus)}
 
 
 def run_trial(config: dict[str, Any]) -> None:
