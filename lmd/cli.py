@@ -272,8 +272,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
                                shard_size=args.shard_size, batch_size=args.batch_size)
         except Exception:
             if lock is not None and created:  # bad input leaves nothing behind: this folder is ours alone
+                shutil.rmtree(out.local_path, ignore_errors=True)  # before the release: no one else is inside yet
                 lock.release()
-                shutil.rmtree(out.local_path, ignore_errors=True)
             raise
         pool = None  # a complete store (or one whose shards are all written) needs no cluster
         if build.chunks():

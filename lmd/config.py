@@ -214,8 +214,9 @@ class RunConfig:
     eval_every: int = option(50, "--eval-every", "steps between evaluations (default {default})")
     # Equal-compute comparisons need evaluations at equal compute: a schedule's early (easy) steps cost more
     # FLOPs, so step-spaced evaluations would sample its curve at other FLOPs than a constant ratio's.
-    evals: int = option(0, "--evals", "evaluate this many times, at equal fractions of the run's training FLOPs, "
-                        "each also checkpointed (replaces --eval-every; default {default}: off)")
+    evals: int = option(0, "--evals", "evaluate at this many equal fractions of the run's training FLOPs, each "
+                        "also checkpointed (replaces --eval-every; a --ckpt-every checkpoint still evaluates, and "
+                        "fractions that end in one step share it; default {default}: off)")
     ckpt_every: int = option(100, "--ckpt-every", "steps between checkpoints (default {default})")
     keep_last: int = option(3, "--keep-last", "checkpoints to keep (default {default})")
     device: str = option("auto", "--device", f"{', '.join(DEVICES)} (default {{default}})")

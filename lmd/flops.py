@@ -111,11 +111,15 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3, workers: int = 1) -> flo
     import time
 
     from lmd.device import autocast_dtype
+    from lmd.masking import shape_ratio
+    from lmd.speed import compile_model, uses_cuda_graphs
 
     device = resolve_device(cfg.run.device)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
-    forward = torch.compile(model, dynamic=False) if cfg.run.compile else model
+    # Compiled as the trial's engine compiles it (its mode, one static graph per visible count, CUDA graphs).
+    forward = compile_model(model, cfg.model, cfg.run.compile_mode) if cfg.run.compile else model
+    graphs = cfg.run.compile and uses_cuda_graphs(cfg.run.compile_mode, device)
     amp = autocast_dtype(cfg.run.precision, device)
     m, b = cfg.model, max(1, cfg.data.batch_size // workers)
     latents = torch.randn(b, m.in_chans, m.latent_size, m.latent_size, device=device)
@@ -124,8 +128,11 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3, workers: int = 1) -> flo
     for ratio in sorted({cfg.mask.end} if cfg.mask.scheduler == "constant" else {cfg.mask.start, cfg.mask.end}):
         for k in range(steps + 1):
             started = time.perf_counter()
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, _, _ = forward(latents, ratio, torch.rand(b, m.num_patches, device=device))
+                loss, _, _ = forward(latents, shape_ratio(m.num_patches, ratio) if cfg.run.compile else ratio,
+                                     torch.rand(b, m.num_patches, device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
