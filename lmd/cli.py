@@ -265,14 +265,17 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             check_free(out.local_path / LOCK_FILE, f"latent store {out}")
             # Held before planning, which writes (the plan) and deletes (a killed run's partial shards): a
             # builder that won the lock since the check above would lose its in-flight files. Released below.
-            created = not out.local_path.exists()
+            created, had_lock = not out.local_path.exists(), (out.local_path / LOCK_FILE).exists()
             lock = hold(out.local_path / LOCK_FILE, f"latent store {out}")
         try:  # planning needs no Ray: a bad dataset or a refused store fails before a cluster is joined
             build = plan_build(out, args.dataset, projector, args.resolution, args.limit, args.num_val,
                                shard_size=args.shard_size, batch_size=args.batch_size)
         except Exception:
-            if lock is not None and created:  # bad input leaves nothing behind: this folder is ours alone
-                shutil.rmtree(out.local_path, ignore_errors=True)  # before the release: no one else is inside yet
+            if lock is not None:  # bad input leaves nothing behind (removed before the release: no one else is in)
+                if created:
+                    shutil.rmtree(out.local_path, ignore_errors=True)  # the folder is ours alone
+                elif not had_lock:
+                    (out.local_path / LOCK_FILE).unlink(missing_ok=True)
                 lock.release()
             raise
         pool = None  # a complete store (or one whose shards are all written) needs no cluster
