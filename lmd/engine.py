@@ -19,14 +19,12 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 
 from lmd import code_version
@@ -47,6 +45,7 @@ from lmd.masking import mask_ratio, num_visible, shape_ratio
 from lmd.model import MaskedLatentTransformer, build_model
 from lmd.optim import build_optimizer, set_lr, warmup_cosine
 from lmd.probe import linear_probe
+from lmd.rng_state import capture_rng, restore_rng
 from lmd.speed import compile_model, compiled_graphs, place_on_device, throughput, uses_cuda_graphs
 
 if TYPE_CHECKING:
@@ -121,29 +120,6 @@ def initial_model(cfg: ModelConfig, seed: int) -> MaskedLatentTransformer:
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """Seed of the mask noise at (seed, step, rank): distinct streams, no state to carry."""
     return (seed * 1_000_003 + step) * 1_009 + rank
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)},
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        # One state per GPU that was visible at the save; a resume may see fewer (or more) of them.
-        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state.cpu(), index)
 
 
 def _metrics_row(line: str) -> dict[str, Any] | None:
@@ -252,14 +228,14 @@ class Engine:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "wall_seconds": self.wall_offset, "rng": _rng_state()}
+                "step": self.step, "wall_seconds": self.wall_offset, "rng": capture_rng()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.wall_offset = float(state["wall_seconds"])
-        _set_rng_state(state["rng"])
+        restore_rng(state["rng"])
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1 and torch.distributed.is_initialized():
