@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from lmd.config import PRESETS, SECTIONS, ClusterConfig, ConfigError, TrainConfig
 from lmd.config_build import build_config
-from lmd.entry import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, fail, init_ray
+from lmd.entry import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, ClusterUnreachable, fail, init_ray, shutdown_ray
 from lmd.options import Flag, cli_flags
 
 # Flag -> the field it sets, read from the config classes' declarations: a flag is written once, there.
@@ -135,7 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args.config, _passed(args, TRAIN_FLAGS))
     cluster = _cluster(args)
     if cluster is not None:
-        return _train_distributed(cfg, cluster, args.address)
+        from lmd.cli_ray_train import train_on_ray
+
+        return train_on_ray(cfg, cluster, args.address)
     if args.run_dir:
         run_dir = Path(args.run_dir)
     elif args.resume:
@@ -153,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (CheckpointError, RunDirError, NonFiniteLossError, StoreError, ProjectorError, ImageSourceError) as err:
         fail(str(err), EXIT_RUNTIME)
     finally:
-        _shutdown_ray()
+        shutdown_ray()
     print(json.dumps({"run_dir": str(run_dir), "step": result.step, "final_loss": result.final_loss,
                       "checkpoint": str(result.last_checkpoint), "metrics": str(result.metrics_path),
                       "preempted": result.preempted}))
@@ -162,80 +164,6 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
-
-
-def _train_distributed(cfg: TrainConfig, cluster: ClusterConfig, address: str | None) -> int:
-    from ray.train import TrainingFailedError
-
-    from lmd.data.images import ImageSourceError
-    from lmd.data.store import StoreError
-    from lmd.distributed import fit_distributed, run_name
-    from lmd.entry import NotEnoughResources, check_cluster_resources, local_ray
-    from lmd.io import storage_uri
-    from lmd.locks import LockedError, hold
-    from lmd.projector import ProjectorError
-
-    cluster.validate(cfg)
-    failed = ""
-    w, c, g = cluster.workers, cluster.cpus_per_worker, cluster.gpus_per_worker
-    if g and local_ray(address) and torch_gpus() < w * g:  # a local Ray never grows: it would wait forever
-        fail(f"--workers={w} x --gpus-per-worker={g:g}: this machine has {torch_gpus()} GPUs", EXIT_USAGE)
-    try:  # two drivers of one run would both resume it and overwrite each other's checkpoints
-        lock = hold(Path(storage_uri(cluster.storage)) / f".{cluster.name or run_name(cfg)}.lock",
-                    f"run {cluster.name or run_name(cfg)}") if "://" not in cluster.storage else None
-    except LockedError as err:
-        fail(str(err), EXIT_RUNTIME)
-    except OSError as err:
-        fail(f"--storage={cluster.storage}: cannot write there ({err.strerror or err})", EXIT_RUNTIME)
-    init_ray(address)  # a wrong address: ClusterUnreachable, one line from main()
-    try:
-        need = {"CPU": (f"--workers={w} x --cpus-per-worker={c:g}", w * c),
-                "GPU": (f"--workers={w} x --gpus-per-worker={g:g}", w * g)}
-        warning = check_cluster_resources(need, address, "this run")
-        if warning:
-            print(f"lmd: warning: {warning}", file=sys.stderr)
-        result = fit_distributed(cfg, cluster)
-    except NotEnoughResources as err:
-        fail(str(err), EXIT_USAGE)
-    except TrainingFailedError as err:  # Train V2's fit() raises once its FailureConfig is spent
-        failed = f"training failed after --max-failures={cluster.max_failures} restarts: {_first_cause(err)}"
-    except (StoreError, ProjectorError, ImageSourceError) as err:
-        fail(str(err), EXIT_RUNTIME)
-    finally:
-        _shutdown_ray()  # first: Ray flushes the workers' forwarded logs then, so the error below is the last line
-        if lock is not None:
-            lock.release()
-    if failed:
-        fail(failed, EXIT_RUNTIME)
-    print(json.dumps({"run": str(result.path), "step": result.metrics.get("step"),
-                      "final_loss": result.metrics.get("loss_last"),
-                      "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                      "workers": result.metrics.get("workers"), "num_nodes": result.metrics.get("num_nodes")}))
-    return 0
-
-
-def _first_cause(err: BaseException) -> str:
-    """One line for a failed Train run: the lowest rank's own error (Ray wraps it with its traceback)."""
-    failures = getattr(err, "worker_failures", None) or {}
-    cause: BaseException = failures[min(failures)] if failures else err
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    # A wrapped worker error ends with the original "Type: message" line after its traceback.
-    named = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))]
-    where = f"rank {min(failures)}: " if failures else ""
-    return where + (named[-1] if named else type(cause).__name__)
-
-
-def torch_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def _shutdown_ray() -> None:
-    if "ray" in sys.modules:  # only if this run started Ray (a streamed store)
-        import ray
-
-        ray.shutdown()
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
@@ -296,7 +224,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
              EXIT_RUNTIME)
     finally:
         if started_ray:
-            _shutdown_ray()
+            shutdown_ray()
         if lock is not None:
             lock.release()
     print(json.dumps({"store": str(out), "projector": projector.info()}))

@@ -86,3 +86,11 @@ def init_ray(address: str | None = None, log_to_driver: bool = True) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterUnreachable(f"--address={address}: cannot connect to a Ray cluster "
                                  f"({str(err).splitlines()[0]})") from None
+
+
+def shutdown_ray() -> None:
+    """Shut down Ray if this process imported it (a run that started Ray, e.g. for a streamed store)."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
