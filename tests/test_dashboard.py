@@ -134,6 +134,16 @@ def test_synthetic_ablation_renders_every_panel_with_its_verdicts(synthetic, tmp
     assert "FLOPs speedup" in page.text and "never reached the target" in page.text
 
 
+def test_an_ablation_without_its_baseline_shows_no_time_to_target_and_says_why(tmp_path):
+    table = synthetic_table()
+    root = write_experiment(tmp_path / "ablation", table=table[table["variant"] != "pixel_mae"])
+    keys = [panel.key for panel in build_panels(load_experiment(root))]
+    assert "quality" in keys and "time-to-target" not in keys and "speedup" not in keys
+    page = render(render_dashboard(root), tmp_path / "no-baseline.png")
+    assert page.errors == [] and "nan" not in page.text.lower().replace("nanoseconds", "")
+    assert "No time to target: the baseline pixel_mae has no finished trial with val_psnr" in page.text
+
+
 def test_reference_lines_are_drawn_and_an_off_scale_ceiling_is_only_listed():
     fig = F.curves_figure(synthetic_table(), "train_flops", references=REFERENCES, target=12.0,
                           target_metric="val_psnr")

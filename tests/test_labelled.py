@@ -189,7 +189,7 @@ def test_fill_reference_matches_a_direct_computation():
     from lmd.evaluation import PSNR_SEED
 
     flat = torch.full((4, 3, 32, 32), 0.3)
-    assert fill_psnr(flat, 8, 0.75) == float("inf")  # a flat image is its visible pixels' mean
+    assert fill_psnr(flat, 8, 0.75) == pytest.approx(100.0)  # a flat image is its visible pixels' mean: PSNR capped
     images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     noise = torch.rand(5, 16, generator=torch.Generator().manual_seed(PSNR_SEED))  # the evaluation's first chunk
     expected = []
@@ -259,3 +259,8 @@ def test_shipped_fashion_projector_meets_its_card():
     with torch.no_grad():
         value = psnr(heldout.images(0, 256), proj.decode(proj.encode(heldout.images(0, 256)))).mean().item()
     assert value >= 22.0, f"lmd-f8c4-fmnist held-out PSNR {value:.2f} dB fell below 22 dB"
+
+
+def test_asking_a_digits_split_for_more_items_than_it_holds_is_refused_by_name():
+    with pytest.raises(ImageSourceError, match=r"^fashion-mnist val: 10001 items asked, the split has 10000$"):
+        FashionMNIST("val", 32, limit=10_001)

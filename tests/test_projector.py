@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -124,6 +126,8 @@ def test_sd_vae_directory_without_config_is_named(tmp_path):
 def test_psnr_of_known_error():
     a = torch.zeros(1, 3, 4, 4)
     assert psnr(a, a + 0.1).item() == pytest.approx(20.0, abs=1e-4)
+    # An exact reconstruction (a constant image's fill) is capped, so a mean over images stays finite.
+    assert psnr(torch.cat([a, a]), torch.cat([a, a + 0.1])).tolist() == pytest.approx([100.0, 20.0], abs=1e-4)
 
 
 # The shipped weights measure 23.03 dB (64 px) and 24.66 dB (128 px) on 256 held-out crops (MODEL_CARD.md).
@@ -132,3 +136,20 @@ def test_psnr_of_known_error():
 def test_bundled_weights_beat_the_psnr_floor_on_heldout_photos(resolution, floor):
     value = heldout_psnr(load_projector("lmd-f8c4"), resolution, num=48)
     assert value >= floor, f"held-out PSNR at {resolution}px regressed to {value:.2f} dB"
+
+
+def test_shipped_weights_whose_bytes_differ_from_their_card_are_refused_by_name(tmp_path):
+    import shutil
+
+    from lmd.projector import ProjectorError, bundled_weights_path, check_bundled_weights
+
+    for name in ("lmd-f8c4", "lmd-f8c4-fmnist"):
+        check_bundled_weights(bundled_weights_path(name))  # as shipped: the card's hash matches
+    weights = tmp_path / "lmd_f8c4.safetensors"
+    shutil.copy(bundled_weights_path("lmd-f8c4"), weights)
+    shutil.copy(bundled_weights_path("lmd-f8c4").with_suffix(".card.json"), tmp_path / "lmd_f8c4.card.json")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit in the middle of a tensor: the file still parses and loads
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ProjectorError, match=rf"^{re.escape(str(weights))}: sha256 .*, its card records"):
+        check_bundled_weights(weights)

@@ -172,11 +172,18 @@ def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
     axis = figures.time_axis(summary)
     unit = figures.TIME_AXES[axis][1]
     rows = spend.budget_rows(exp.table, exp.budget)
+    quality = ("Per variant over seeds at the end of its budget: final held-out PSNR, masked MSE and linear-probe "
+               "accuracy (mean ± 95% t-interval) next to its references. A variant 'beats' a reference when its "
+               "interval lies entirely above the reference's; n/a where either is missing.")
+    if math.isnan(a["target"]):  # no baseline to measure against: no time-to-target or speedup panels
+        quality += (f" No time to target: the baseline {a['baseline']} has no finished trial with "
+                    f"{a['target_metric']} in these results, and every target and speed-up is measured against it.")
+        return [Panel("quality", "Final quality against the references", quality,
+                      figures.quality_table_figure(summary), after=_verdicts_html(summary)),
+                Panel("budget", "Budget per trial", budget_caption(rows, exp.budget),
+                      spend.budget_figure(rows, exp.budget))]
     return [
-        Panel("quality", "Final quality against the references",
-              "Per variant over seeds at the end of its budget: final held-out PSNR, masked MSE and linear-probe "
-              "accuracy (mean ± 95% t-interval) next to its references. A variant 'beats' a reference when its "
-              "interval lies entirely above the reference's; n/a where either is missing.",
+        Panel("quality", "Final quality against the references", quality,
               figures.quality_table_figure(summary), after=_verdicts_html(summary)),
         Panel("time-to-target", f"{unit} to target",
               f"{unit} each variant spent until a trial's {a['target_metric']} first reached the target "

@@ -277,6 +277,8 @@ class _GreyDigits:
     classes: tuple[str, ...] = tuple(str(d) for d in range(10))
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, split: str, resolution: int, limit: int | None):
+        if limit and limit > pixels.shape[0]:  # a silent shortfall would change every size the run reports
+            raise ImageSourceError(f"{self.name} {split}: {limit} items asked, the split has {pixels.shape[0]}")
         self.pixels = pixels[:limit] if limit else pixels  # [N, 1, 28, 28] float32 in [0, 1]
         self._labels = labels[:limit] if limit else labels  # [N] int64
         self.split, self.resolution = split, resolution
@@ -369,8 +371,6 @@ class FashionMNIST(_GreyDigits):
         if split not in ("train", "val"):
             raise ImageSourceError(f"split={split!r}: expected 'train' or 'val'")
         pixels, labels, self.sha256 = _fashion_arrays(fashion_mnist_dir(), split)
-        if limit and limit > pixels.shape[0]:
-            raise ImageSourceError(f"fashion-mnist {split}: {limit} items asked, the split has {pixels.shape[0]}")
         super().__init__(pixels, labels, split, resolution, limit)
 
     def describe(self) -> dict[str, Any]:

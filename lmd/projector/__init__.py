@@ -27,6 +27,29 @@ def bundled_weights_path(name: str = DEFAULT_PROJECTOR) -> Path:
     return Path(str(resources.files("lmd.projector").joinpath(BUNDLED_WEIGHTS[name])))
 
 
+WEIGHTS_SHA256 = "weights_sha256"  # the card's record of its weights file's SHA-256 (lmd.projector.train writes it)
+
+
+def check_bundled_weights(path: Path) -> None:
+    """Refuse shipped weights whose bytes are not the ones their card (`<name>.card.json`) records: a flipped bit
+    would otherwise load, and the store it makes would carry the altered weights' checksum as if they were right."""
+    import json
+
+    from lmd.io import sha256_file
+
+    card_path = path.with_suffix(".card.json")
+    try:
+        expected = json.loads(card_path.read_text()).get(WEIGHTS_SHA256)
+    except (OSError, ValueError) as err:
+        raise ProjectorError(f"{card_path}: the shipped weights' card is unreadable ({err})") from None
+    if expected is None:
+        raise ProjectorError(f"{card_path}: no {WEIGHTS_SHA256} recorded for {path.name}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ProjectorError(f"{path}: sha256 {actual[:16]}..., its card records {expected[:16]}... (damaged or "
+                             "replaced; reinstall the package or rerun `lmd projector-train`)")
+
+
 def load_projector(spec: str, device: str | None = None) -> Projector:
     """Resolve `spec` to an eval-mode, frozen projector (on `device` when given)."""
     if spec == "identity":
@@ -36,6 +59,7 @@ def load_projector(spec: str, device: str | None = None) -> Projector:
         if not path.is_file():
             raise ProjectorError(f"{spec}: bundled weights {path} are missing from this install; "
                                  "run `lmd projector-train` to make them")
+        check_bundled_weights(path)
         proj = TAESDProjector.load(path)
     elif spec.startswith("taesd:"):
         proj = TAESDProjector.from_dir(spec[len("taesd:"):])

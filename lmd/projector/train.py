@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lmd.data.images import HELDOUT, BundledPhotos, ImageSource, image_source
-from lmd.io import atomic_path, write_json_atomic
+from lmd.io import atomic_path, sha256_file, write_json_atomic
 from lmd.optim import adamw, set_lr, warmup_cosine
 from lmd.projector.loaders import TAESDProjector
 from lmd.projector.quality import heldout_psnr
@@ -202,6 +202,7 @@ def train_projector(cfg: ProjectorTrainConfig, out: Path, device: torch.device) 
     with atomic_path(out) as tmp:
         proj.cpu().save(tmp, card)
     out.chmod(0o644)  # safetensors creates files owner-only; the weights ship in the package
-    write_json_atomic(out.with_suffix(".card.json"), card)
+    # The file cannot hold its own hash: the card beside it does, and loading a shipped projector checks it.
+    write_json_atomic(out.with_suffix(".card.json"), {**card, "weights_sha256": sha256_file(out)})
     log.info("wrote %s: held-out PSNR %s", out, quality)
     return card
