@@ -260,14 +260,23 @@ def test_every_variant_gets_the_same_flops_budget():
     assert set(budget_steps(spec, exp.placement()).values()) == {50}
 
 
-def test_a_time_budget_buys_each_variant_steps_at_its_measured_rate():
-    from lmd.experiments.ablation import budget_steps
+def test_a_time_budget_buys_each_variant_steps_at_its_measured_rate(monkeypatch):
+    import lmd.experiments.ablation as ablation
+    from lmd.flops import measure_flop_rate, steps_for_flops
 
     script = tune_script("ablation")
     exp, spec = script.experiment(script.parse_args(["--budget-by", "time", "--budget", "2", "--batch-size", "16",
                                                      "--variants", "no_scheduler", "pixel_mae"]))
-    steps = budget_steps(spec, exp.placement())
-    # The same seconds buy more of the cheaper 16-token steps than of MAE's 64-token ones.
+    # The rate is measured for real, on real steps...
+    rate = measure_flop_rate(ablation.variant_config(spec, "pixel_mae", steps=1, seed=0, device="cpu"), steps=1)
+    assert 0 < rate < math.inf
+    # ...and each variant's steps are what its rate pays for in the budget's seconds, through its own FLOPs per
+    # step. At one rate for both (two wall-clock rates on a shared machine would make the comparison below a coin
+    # toss: tiny steps are overhead-bound), the same seconds buy more cheap 16-token steps than MAE's 64-token ones.
+    monkeypatch.setattr(ablation, "_rate_as_a_trial", lambda cfg, placement: 5e9)
+    steps = ablation.budget_steps(spec, exp.placement())
+    for name, count in steps.items():
+        assert count == steps_for_flops(ablation.variant_config(spec, name, steps=1, seed=0, device="cpu"), 2 * 5e9)
     assert steps["no_scheduler"] > steps["pixel_mae"] >= 1
 
 
