@@ -27,7 +27,7 @@ from plotly.offline import get_plotlyjs
 
 from lmd.dashboard import figures, search_figures, spend
 from lmd.dashboard.load import Experiment, ResultsError, load_experiment
-from lmd.experiments.summary import TARGET_METRICS, summarize, verdicts
+from lmd.experiments.summary import TARGET_METRICS, no_target, summarize, verdicts
 from lmd.io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -175,16 +175,16 @@ def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
     quality = ("Per variant over seeds at the end of its budget: final held-out PSNR, masked MSE and linear-probe "
                "accuracy (mean ± 95% t-interval) next to its references. A variant 'beats' a reference when its "
                "interval lies entirely above the reference's; n/a where either is missing.")
-    if math.isnan(a["target"]):  # no baseline to measure against: no time-to-target or speedup panels
-        quality += (f" No time to target: the baseline {a['baseline']} has no finished trial with "
-                    f"{a['target_metric']} in these results, and every target and speed-up is measured against it.")
-        return [Panel("quality", "Final quality against the references", quality,
-                      figures.quality_table_figure(summary), after=_verdicts_html(summary)),
-                Panel("budget", "Budget per trial", budget_caption(rows, exp.budget),
-                      spend.budget_figure(rows, exp.budget))]
+    no_baseline = math.isnan(a["target"])  # nothing to measure against: no time-to-target or speedup panels
+    if no_baseline:
+        quality += f" {no_target(a)[0].upper()}{no_target(a)[1:]}."
+    first = Panel("quality", "Final quality against the references", quality, figures.quality_table_figure(summary),
+                  after=_verdicts_html(summary))
+    last = Panel("budget", "Budget per trial", budget_caption(rows, exp.budget), spend.budget_figure(rows, exp.budget))
+    if no_baseline:
+        return [first, last]
     return [
-        Panel("quality", "Final quality against the references", quality,
-              figures.quality_table_figure(summary), after=_verdicts_html(summary)),
+        first,
         Panel("time-to-target", f"{unit} to target",
               f"{unit} each variant spent until a trial's {a['target_metric']} first reached the target "
               f"{a['target']:.4g} ({a['baseline']}'s worst final over seeds), interpolated between evaluations. Bars: "
@@ -196,7 +196,7 @@ def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
               "deterministic, the headline), samples seen and wall seconds, with 95% intervals (Welch t on the log "
               f"times). Dotted: 1x; dashed red: {figures.CLAIM:g}x, the paper's claim, which the FLOPs interval "
               "must lie above to support it.", figures.speedup_figure(summary)),
-        Panel("budget", "Budget per trial", budget_caption(rows, exp.budget), spend.budget_figure(rows, exp.budget)),
+        last,
     ]
 
 

@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 
 from lmd.config import MaskConfig
 from lmd.dashboard.figures import LAYOUT, variant_colors
+from lmd.masking import mask_ratio
 
 
 def budget_rows(table: pd.DataFrame, budget: dict[str, Any] | None) -> pd.DataFrame:
@@ -66,11 +67,7 @@ def schedule_figure(table: pd.DataFrame, per_trial: bool = False) -> go.Figure:
     config columns, with the ratios recorded in the results as circles."""
     colors = variant_colors(table["variant"].astype(str).unique().tolist())
     fig = go.Figure()
-    has_config = bool(table["scheduler"].notna().any())
-    if has_config:
-        # The schedule is drawn by the training code itself; lmd.masking imports torch at module level, so only
-        # pages that draw a schedule pay for it (and importing the dashboard stays torch-free).
-        from lmd.masking import mask_ratio
+    has_config = bool(table["scheduler"].notna().any())  # drawn by the training code's own (torch-free) schedule
     for key, group in table.groupby("trial_id" if per_trial else "variant"):
         variant = str(group["variant"].iloc[0])
         color, name = colors[variant], (f"{variant} · {key}" if per_trial else variant)

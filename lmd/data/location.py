@@ -158,12 +158,7 @@ class Location:
 
     def size(self) -> int:
         """Bytes of the file (FileNotFoundError when there is none)."""
-        if self._local is not None:
-            return self._local.stat().st_size
-        info = self._info()
-        if info.type != pafs.FileType.File:
-            raise FileNotFoundError(f"{self}: no such object")
-        return int(info.size)
+        return self.stat()[0]
 
     def stat(self) -> tuple[int, int | None]:
         """(bytes, modification time in ns or None) of the file, from one stat or HEAD (FileNotFoundError when

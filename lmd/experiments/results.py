@@ -56,7 +56,7 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
             table[column] = float("nan")
     for column in PLACEMENT_COLUMNS:  # absent or NaN for rows of in-process trials: one worker on one node
         table[column] = table[column].fillna(1).astype("int64") if column in table else 1
-    # Each row's own trial's devices (what Tune placed it on; a resumed experiment may place trials anew), else the
+    # Each row's own trial's devices (its TrialSpec's placement, which a resumed experiment keeps), else the
     # experiment's flags (rows of trials that predate the "devices" tag).
     devices = table["devices"].astype(float) if "devices" in table else pd.Series(float("nan"), index=table.index)
     table["device_seconds"] = table["wall_seconds"] * devices.fillna(devices_per_trial)
@@ -81,6 +81,13 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 def final_rows(table: pd.DataFrame, metric: str = "val_psnr") -> pd.DataFrame:
     """The last row of every trial that recorded `metric` (its last evaluation)."""
     return table.dropna(subset=[metric]).sort_values("step").groupby("trial_id").tail(1)
+
+
+def stopped_short(row: Any) -> bool:
+    """Whether a trial's last row (a dict or Series with step and total_steps) ends before its budget: failed, or
+    stopped by an early-stopping scheduler. A row without total_steps (older tables) counts as finished."""
+    total = row.get("total_steps")
+    return total is not None and not (isinstance(total, float) and math.isnan(total)) and row.get("step", 0) < total
 
 
 def complete_trials(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:

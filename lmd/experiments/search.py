@@ -24,7 +24,7 @@ from lmd.config import ConfigError
 from lmd.config_build import build_config
 from lmd.experiments.driver import ExperimentSpec, build_stores
 from lmd.experiments.pictures import representative_trials
-from lmd.experiments.results import final_rows, reference_columns, trial_id_of
+from lmd.experiments.results import final_rows, reference_columns, stopped_short, trial_id_of
 from lmd.experiments.summary import beats
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec
 
@@ -68,8 +68,7 @@ def search_base(base: TrialBase, placement: Placement, steps: int, eval_every: i
 def best_trial(results: Any, metric: str, mode: str) -> str:
     """One line: the best trial's final `metric` and the values Optuna sampled for it, among the trials that
     trained to the end of the budget (an ASHA-stopped trial's last value is at a smaller budget)."""
-    finished = [r for r in results if r.metrics and r.metrics.get(metric) is not None
-                and r.metrics.get("step", 0) >= r.metrics.get("total_steps", 0)]
+    finished = [r for r in results if r.metrics and r.metrics.get(metric) is not None and not stopped_short(r.metrics)]
     if finished:
         best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics[metric])
         stopped = ""
@@ -123,7 +122,7 @@ class ResumableOptunaSearch(OptunaSearch):
         is from a smaller budget, and Optuna's TPE ranks pruned trials by their intermediate values (reported at
         every evaluation), where plain OptunaSearch would record that value as a finished trial's."""
         stopped = (result is not None and not error and trial_id not in self._completed_trials
-                   and trial_id in self._ot_trials and result.get("step", 0) < result.get("total_steps", 0))
+                   and trial_id in self._ot_trials and stopped_short(result))
         if not stopped:
             super().on_trial_complete(trial_id, result, error)
             return
@@ -188,9 +187,8 @@ def reference_report(table: pd.DataFrame, metric: str, references: list[dict[str
         ref = refs.loc[scheduler] if scheduler in refs.index else pd.Series(dtype=float)
         value = {column: float(row.get(column, math.nan)) for column in ("val_psnr", "val_probe_acc")}
         known = {column: float(ref.get(column, math.nan)) for column in refs.columns} | value
-        total = float(row.get("total_steps", math.nan))
-        stopped = (f", stopped early at step {int(row['step'])} of {int(total)}: no trial of it finished"
-                   if not math.isnan(total) and row["step"] < total else "")
+        stopped = (f", stopped early at step {int(row['step'])} of {int(row['total_steps'])}: no trial of it finished"
+                   if stopped_short(row) else "")
         text = (f"  {scheduler} ({trial_id}{stopped}): PSNR {_shown(known, 'val_psnr', '.2f')} dB (no-model fill "
                 f"{_shown(known, 'fill_psnr', '.2f')}, ceiling {_shown(known, 'ceiling_psnr', '.2f')})")
         if not math.isnan(value["val_probe_acc"]):

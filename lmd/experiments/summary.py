@@ -235,13 +235,11 @@ def format_summary(summary: pd.DataFrame) -> str:
                      f"{get(r, 'raw_probe_acc'):>11.3f}{r.get('beats_random_probe', 'n/a'):>10}")
     unit = {"val_psnr": " dB"}.get(a["target_metric"], "")
     if math.isnan(a["target"]):
-        lines += ["", f"no time to target: the baseline {a['baseline']} has no finished trial with "
-                      f"{a['target_metric']} here, and every target and speed-up is measured against it"]
+        lines += ["", no_target(a)]
         return "\n".join(lines + [""] + verdicts(summary))
-    source = a.get("target_source", f"{a['baseline']}'s worst final over seeds: a level each of its seeds reaches")
-    lines += ["", f"time to the target {a['target_metric']} = {a['target']:.3f}{unit} ({source}); geometric means "
-              "[95% CI, capped at the budget] over the seeds that reached it (<= x: all of them at their first "
-              "evaluation):",
+    lines += ["", f"time to the target {a['target_metric']} = {a['target']:.3f}{unit} ({a['target_source']}); "
+              "geometric means [95% CI, capped at the budget] over the seeds that reached it (<= x: all of them at "
+              "their first evaluation):",
               f"{'variant':<24}{'TFLOP spent':>12}{'reached':>9}{'TFLOP to target':>26}{'speedup (FLOPs)':>26}"
               f"{'speedup (samples)':>26}{'speedup (wall s)':>26}{'device-h':>10}"]
     for r in s:
@@ -254,6 +252,12 @@ def format_summary(summary: pd.DataFrame) -> str:
     lines.append(f"total device-hours: {summary['device_hours'].sum():.4f}")
     lines += [""] + verdicts(summary)
     return "\n".join(lines)
+
+
+def no_target(attrs: dict[str, Any]) -> str:
+    """Why a summary has no time-to-target: its baseline, against which every target is set, did not finish."""
+    return (f"no time to target: the baseline {attrs['baseline']} has no finished trial with {attrs['target_metric']}"
+            " here, and every target and speed-up is measured against it")
 
 
 def verdicts(summary: pd.DataFrame) -> list[str]:
