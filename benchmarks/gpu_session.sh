@@ -23,8 +23,8 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU machine's to
 OUT=${OUT:-runs/gpu-session}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the GPU machine runs the tree as is: lmd is not pip-installed there
-if compgen -G ".device/whl/*.whl" >/dev/null; then  # carried by gpu_prepare.sh: foolbox holds the bundled photos
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/lmd-site .device/whl/*.whl
+if compgen -G ".device/whl/*.whl" >/dev/null; then  # carried by gpu_prepare.sh: foolbox (bundled photos), tqdm, pytest
+  $PY -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/lmd-site .device/whl/*.whl
   export PYTHONPATH=/tmp/lmd-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [[ -d .device/fashion-mnist && -z "${LMD_FASHION_MNIST:-}" ]]; then export LMD_FASHION_MNIST=$PWD/.device/fashion-mnist; fi
@@ -58,7 +58,8 @@ timeout 45 $PY benchmarks/precompute.py --one-process --device "$DEVICE" $PRECOM
   || echo "precompute: exit $?" | tee -a "$OUT/precompute.txt"
 # What only a GPU shows, as assertions: pinned batches, bit-exact resume on CUDA, CUDA graphs in Engine.fit (last:
 # it compiles).
-timeout 100 $PY -m pytest -v -p no:cacheprovider -n 0 -rs tests/test_gpu.py 2>&1 \
+# -o addopts: pyproject's addopts ask for pytest-xdist's -n, which the GPU machine does not have.
+timeout 100 $PY -m pytest -o addopts="" -v -p no:cacheprovider -rs tests/test_gpu.py 2>&1 \
   | tee "$OUT/gpu-tests.txt" \
   || echo "tests/test_gpu.py: exit $?" | tee -a "$OUT/gpu-tests.txt"
 if [[ "${ABLATION:-0}" == "1" ]]; then
