@@ -66,6 +66,9 @@ def test_lmd_train_runs_on_the_engine_alone(tmp_path):
     assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").exists()
 
 
-def test_the_gpu_tests_collect_without_ray():
-    stdout = run_as_on_device("-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-rs", "tests/test_gpu.py")
+def test_the_gpu_tests_collect_without_ray_or_xdist():
+    # As gpu_session.sh runs them; the GPU machine has no pytest-xdist (-p no:xdist), so pyproject's `-n 2` must
+    # not reach pytest there.
+    stdout = run_as_on_device("-m", "pytest", "-o", "addopts=", "-p", "no:xdist", "-q", "-p", "no:cacheprovider",
+                              "-rs", "tests/test_gpu.py")
     assert "4 skipped" in stdout or "4 passed" in stdout, stdout
