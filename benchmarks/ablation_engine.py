@@ -42,10 +42,13 @@ def ablation_script():
 
 
 def main(argv: list[str] | None = None) -> int:
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    own = argparse.ArgumentParser(prog="benchmarks/ablation_engine.py", add_help=False,
+                                  usage="%(prog)s [--device D] [--out DIR] [tune/ablation.py's flags]")
+    own.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     own.add_argument("--out", default="", help="write results.parquet here")
     mine, rest = own.parse_known_args(argv)
+    if {"-h", "--help"} & set(rest):  # this script's own flags, then tune/ablation.py's help (which exits)
+        print(own.format_help() + "\nThe other flags are tune/ablation.py's:\n")
     script = ablation_script()
     exp, spec = script.experiment(script.parse_args(rest))
     device = mine.device if mine.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run HERE, before a lent GPU session: puts what gpu_session.sh needs and the GPU machine lacks into .device/
 # (git-ignored), which the device call carries:
-#   .device/whl/            pure-Python wheels the GPU machine may lack (~3 MB): foolbox (the bundled photos' ImageNet
-#                           JPEGs live in it, and the precompute part encodes those photos), tqdm (lmd.data imports it),
-#                           and pytest with its dependencies (the GPU tests; its image lists no pytest).
-#                           They are installed there with --no-deps, in front of what the machine has.
+#   .device/whl/            pure-Python wheels (~3 MB): foolbox, which the GPU image lacks (the bundled photos' ImageNet
+#                           JPEGs live in it, and the precompute part encodes those photos); tqdm (lmd.data imports it)
+#                           and pytest with its dependencies (the GPU tests), which the image has today: gpu_session.sh
+#                           installs those two only where the interpreter lacks them.
 #   .device/fashion-mnist/  the four IDX files (30 MB), for ABLATION=1 (the ablation trains on Fashion-MNIST).
 # Then, with the device tool:  run(command="bash benchmarks/gpu_session.sh", carry=[".device"], timeout_s=600)
 # The tree plus .device is ~48 MB, under the 64 MiB that travels.

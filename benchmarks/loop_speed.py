@@ -101,17 +101,22 @@ def main() -> None:
             "run.eval_every": 10 * total,
             "run.ckpt_every": 10 * total, "optim.warmup_steps": 1}
     cfg = build_config(overrides={**base, "run.steps": total})
-    loop = loop_rate(cfg, args.warmup)
-    step = step_rate(cfg, args.steps, args.warmup, args.ratio)
     name, peak = device_peak_flops(torch.device("cuda") if cfg.run.device != "cpu" and torch.cuda.is_available()
                                    else torch.device("cpu"))
     flops = train_flops_per_sample(cfg.model, args.ratio)
     print(f"loop_speed: preset {args.preset}, batch {args.batch_size}, ratio {args.ratio}, device {name}, "
           f"compile {args.compile and args.compile_mode}, threads {torch.get_num_threads()}")
-    print(f"{'what':<34}{'samples/s':>12}{'TFLOP/s':>10}{'MFU':>8}")
-    for label, rate in (("bare step (Engine.train_step)", step), ("real loop (Engine.fit)", loop)):
+    print(f"{'what':<34}{'samples/s':>12}{'steps/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
+
+    def show(label: str, rate: float) -> None:  # each rate as soon as it is measured: a cut run keeps the first
         mfu = f"{rate * flops / peak:.1%}" if peak else "-"
-        print(f"{label:<34}{rate:>12.1f}{rate * flops / 1e12:>10.4f}{mfu:>8}")
+        print(f"{label:<34}{rate:>12.1f}{rate / args.batch_size:>10.2f}{rate * flops / 1e12:>10.4f}{mfu:>8}",
+              flush=True)
+
+    loop = loop_rate(cfg, args.warmup)
+    show("real loop (Engine.fit)", loop)
+    step = step_rate(cfg, args.steps, args.warmup, args.ratio)
+    show("bare step (Engine.train_step)", step)
     print(f"loop / step: {loop / step:.3f} (goal >= 0.90)")
     if args.profile_steps:
         profiled = build_config(overrides={**base, "run.steps": args.profile_steps})

@@ -17,7 +17,6 @@ printed as a multiple of it (issue 14 asks for >= 2x at batch 1024).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -27,6 +26,7 @@ from official_step import measure_official  # benchmarks/ is on sys.path when th
 from lmd.config import PRESETS
 from lmd.config_build import build_config
 from lmd.flops import device_peak_flops
+from lmd.io import write_json_atomic
 from lmd.model import param_count, train_flops_per_sample
 from lmd.runtime import local_engine
 
@@ -90,28 +90,30 @@ def main() -> None:
         parser.error(f"--official {' '.join(sorted(official - set(args.presets)))}: not in --presets")
 
     rows = []
+
+    def keep(row: dict) -> None:  # the JSON is rewritten after every row: a part cut by its time limit keeps its rows
+        rows.append(row)
+        print_row(row)
+        if args.json:
+            write_json_atomic(args.json, rows)
+
     print(f"{'preset':<9}{'mode':<32}{'batch':>6}{'steps/s':>10}{'samples/s':>12}{'TFLOP/s':>10}{'MFU':>8}  device")
     for preset in args.presets:
         ours = []
         for compile_ in ([False, True] if args.compile else [False]):
             ours.append(measure(preset, args.batch_size, args.steps, args.warmup, args.ratio, compile_, args.device))
-            print_row(ours[-1])
-        rows += ours
+            keep(ours[-1])
         if args.compile:
             eager, compiled = ours
             print(f"{preset:<9}compile/eager speed ratio: {compiled['steps_per_s'] / eager['steps_per_s']:.2f}x")
         if preset in official:
             ref = measure_official(args.batch_size, args.steps, args.warmup, args.ratio, args.device, preset)
-            rows.append(ref)
-            print_row(ref)
+            keep(ref)
             for r in ours:
                 print(f"{preset:<9}{r['mode']} / official: {r['steps_per_s'] / ref['steps_per_s']:.2f}x")
             diff = ours[0]["params"] - ref["params"]
             print(f"{preset:<9}params: ours {ours[0]['params'] / 1e6:.2f} M, official {ref['params'] / 1e6:.2f} M "
                   f"(difference {diff:+d})", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

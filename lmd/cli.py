@@ -102,8 +102,10 @@ def _parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("precompute", help="encode a dataset into a Parquet latent store (OUT/train, OUT/val)")
     pc.add_argument("--dataset", default="bundled", help="bundled, fashion-mnist, mnist, or a directory of images")
-    pc.add_argument("--projector", default="lmd-f8c4", help="lmd-f8c4, identity, taesd:DIR, sdvae:DIR or a file")
-    pc.add_argument("--resolution", type=int, default=128)
+    pc.add_argument("--projector", help="lmd-f8c4 (default; fashion-mnist: lmd-f8c4-fmnist, as in lmd train), "
+                    "identity, taesd:DIR, sdvae:DIR or a file")
+    pc.add_argument("--resolution", type=int,
+                    help="image side in pixels (default 32 for fashion-mnist and mnist, their padded size; else 128)")
     pc.add_argument("--out", required=True, metavar="DIR|URI",
                     help="store folder, or an object-store URI (s3://bucket/prefix) every node can read")
     pc.add_argument("--limit", type=int, help="training items (bundled: number of crops, default 2048)")
@@ -167,7 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from lmd.data.images import ImageSourceError
+    from lmd.config import dataset_projector
+    from lmd.data.images import DIGITS_RESOLUTION, LABELLED_DATASETS, ImageSourceError
     from lmd.data.location import Location
     from lmd.data.precompute import PipelineError, encoder_pool, plan_build, run_build
     from lmd.data.store import StoreError
@@ -184,6 +187,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         fail(str(err), EXIT_USAGE)
     started_ray = False  # shut down only a Ray this command started (main() may run inside a Ray driver)
     lock = None
+    args.projector = args.projector or dataset_projector(args.dataset)
+    args.resolution = args.resolution or (DIGITS_RESOLUTION if args.dataset in LABELLED_DATASETS else 128)
     try:
         projector = load_projector(args.projector)
         projector.latent_shape(args.resolution)  # checks the resolution against the downsampling factor

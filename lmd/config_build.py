@@ -31,6 +31,7 @@ from lmd.config import (
     DataConfig,
     ModelConfig,
     TrainConfig,
+    dataset_projector,
 )
 from lmd.options import FIELD_TYPES
 
@@ -127,7 +128,7 @@ def build_config(
         raise ConfigError(f"model.preset={preset!r}: expected a string (one of {', '.join(PRESETS)})")
     dataset = values.get("data.dataset")
     if "data.projector" not in values and isinstance(dataset, str) and dataset in DATASET_PROJECTORS:
-        values["data.projector"] = DATASET_PROJECTORS[values["data.dataset"]]
+        values["data.projector"] = dataset_projector(dataset)
 
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if preset is not None:

@@ -104,9 +104,9 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3, workers: int = 1) -> flo
     """Training FLOP/s of `cfg`'s model on this process's device and threads (random inputs, real steps).
 
     What `--budget-by time` converts seconds into steps with: measured once per variant, in the
-    driver, at the schedule's two extreme ratios (averaged), after one warm-up step each. Each step is
-    the one a trial's worker runs: its share of the global batch (`workers` ranks), under the run's
-    autocast (bf16 on CUDA) and, with `run.compile`, compiled. Returns the rate of one worker.
+    driver, at the schedule's two extreme ratios (averaged), after one warm-up step each (three with CUDA
+    graphs). Each step is the one a trial's worker runs: its share of the global batch (`workers` ranks),
+    under the run's autocast (bf16 on CUDA) and, with `run.compile`, compiled. Returns the rate of one worker.
     """
     import time
 
@@ -124,9 +124,12 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3, workers: int = 1) -> flo
     m, b = cfg.model, max(1, cfg.data.batch_size // workers)
     latents = torch.randn(b, m.in_chans, m.latent_size, m.latent_size, device=device)
     seconds, flops = 0.0, 0.0
+    # Untimed steps per ratio: the first compiles; under CUDA graphs the second records the graph (torch's graph
+    # trees warm up eagerly on the first call, record on the second, replay after), so both stay untimed.
+    warmup = 3 if graphs else 1
     # The ratios the schedule visits: a constant schedule only ever trains at its end ratio.
     for ratio in sorted({cfg.mask.end} if cfg.mask.scheduler == "constant" else {cfg.mask.start, cfg.mask.end}):
-        for k in range(steps + 1):
+        for k in range(warmup + steps):
             started = time.perf_counter()
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -138,7 +141,7 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3, workers: int = 1) -> flo
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if k:  # the first step warms up (and compiles)
+            if k >= warmup:
                 seconds += time.perf_counter() - started
                 flops += b * train_flops_per_sample(m, ratio)
     return flops / seconds
@@ -146,8 +149,8 @@ def measure_flop_rate(cfg: TrainConfig, steps: int = 3, workers: int = 1) -> flo
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets: the denominator of MFU. Matched as whole
 # words, longest first, so "H100 PCIe" is not read as the SXM part, nor "L40" as "L4".
-GPU_PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12,
-                 "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "L4": 121e12}
+GPU_PEAK_BF16 = {"H200": 989.4e12, "H200 NVL": 835.5e12, "H100": 989.4e12, "H100 PCIe": 756.5e12,
+                 "H100 NVL": 835.5e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "L4": 121e12}
 
 
 def peak_of(name: str) -> float | None:

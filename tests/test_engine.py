@@ -437,3 +437,16 @@ def test_latents_moved_to_the_device_give_the_same_batches_and_labels():
         pairs = zip(moved.labelled_batch(step), host.labelled_batch(step), strict=True)
         assert all(torch.equal(a, b) for a, b in pairs)
     assert moved._perm_on_latents.device == moved.latents.device
+
+
+def test_gpu_peaks_are_read_by_whole_words_longest_first():
+    from lmd.flops import GPU_PEAK_BF16, peak_of
+
+    # torch.cuda.get_device_name's spellings (the first two seen on the lent machines)
+    assert peak_of("NVIDIA H100 80GB HBM3") == GPU_PEAK_BF16["H100"]
+    assert peak_of("NVIDIA H200") == GPU_PEAK_BF16["H200"]
+    assert peak_of("NVIDIA H100 PCIe") == GPU_PEAK_BF16["H100 PCIe"] != GPU_PEAK_BF16["H100"]
+    assert peak_of("NVIDIA H200 NVL") == GPU_PEAK_BF16["H200 NVL"] != GPU_PEAK_BF16["H200"]
+    assert peak_of("NVIDIA L40") == GPU_PEAK_BF16["L40"] != GPU_PEAK_BF16["L4"]
+    assert peak_of("NVIDIA L4") == GPU_PEAK_BF16["L4"]
+    assert peak_of("NVIDIA GeForce RTX 4090") is None  # unknown: no MFU rather than a wrong one

@@ -264,3 +264,16 @@ def test_shipped_fashion_projector_meets_its_card():
 def test_asking_a_digits_split_for_more_items_than_it_holds_is_refused_by_name():
     with pytest.raises(ImageSourceError, match=r"^fashion-mnist val: 10001 items asked, the split has 10000$"):
         FashionMNIST("val", 32, limit=10_001)
+
+
+def test_precompute_of_fashion_mnist_defaults_to_its_own_projector_at_its_native_size(tmp_path):
+    # The store `lmd precompute --dataset fashion-mnist` makes is the one `lmd train --dataset fashion-mnist` makes:
+    # the shipped Fashion-MNIST projector at 32 px (it used to be the photo projector at 128 px, a 16x larger store).
+    out = tmp_path / "store"
+    proc = subprocess.run([sys.executable, "-m", "lmd.cli", "precompute", "--dataset", "fashion-mnist", "--limit", "32",
+                           "--num-val", "16", "--encoders", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = read_manifest(out / "train")
+    assert manifest["projector"]["name"] == "lmd-f8c4-fmnist", manifest["projector"]
+    assert manifest["latent_shape"] == [4, 4, 4] and manifest["source"]["resolution"] == 32, manifest

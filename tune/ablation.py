@@ -38,6 +38,7 @@ from lmd.experiments.ablation import (
     write_summary,
 )
 from lmd.experiments.driver import (
+    DefaultsHelp,
     ExperimentSpec,
     add_shared_flags,
     check_start,
@@ -68,7 +69,8 @@ EXPERIMENT_ARGS = ("variants", "seeds", "budget_by", "budget", "evals", "preset"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tune/ablation.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tune/ablation.py", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelp)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--budget-by", choices=list(BUDGET_UNITS), default="flops",

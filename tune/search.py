@@ -36,6 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from lmd.config_build import build_config
 from lmd.experiments.driver import (
+    DefaultsHelp,
     ExperimentSpec,
     add_shared_flags,
     check_start,
@@ -97,9 +98,11 @@ class SearchSpace:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelp)
     p.add_argument("--samples", type=int, default=12, help="trials")
-    p.add_argument("--budget", type=int, default=200, help="max steps per trial (ASHA stops weak ones earlier)")
+    p.add_argument("--budget", type=int, default=200,
+                   help="max steps per trial, not TFLOP as in tune/ablation.py (ASHA stops weak ones earlier)")
     p.add_argument("--metric", choices=METRICS, default="val_probe_acc",
                    help="objective: linear-probe accuracy (default) or decoded PSNR, on held-out items")
     p.add_argument("--end-range", nargs=2, type=float, default=[0.5, 0.9], metavar=("LOW", "HIGH"))

@@ -266,6 +266,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+DIGITS_RESOLUTION = 32  # the 28 px digit sets padded (below): their native side, no resampling
+
+
 class _GreyDigits:
     """28x28 greyscale items [N, 1, 28, 28] in [0, 1] with labels, served as RGB at `resolution`.
 
@@ -288,7 +291,7 @@ class _GreyDigits:
 
     def images(self, start: int, stop: int) -> torch.Tensor:
         x = F.pad(self.pixels[start:stop], (2, 2, 2, 2))  # [n, 1, 32, 32]
-        if self.resolution != 32:
+        if self.resolution != DIGITS_RESOLUTION:
             x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True).clamp(0, 1)
         return x.expand(-1, 3, -1, -1).contiguous()
 

@@ -121,6 +121,19 @@ class ExperimentSpec:
         return self
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help shows a flag's default where its help does not already say it (and the default says something)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        says_nothing = default is None or default is False or default in ("", argparse.SUPPRESS)  # 0 says something
+        if text and "default" not in text and not says_nothing and action.option_strings:
+            shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+            text += f" (default: {shown})"
+        return text
+
+
 def add_shared_flags(p: argparse.ArgumentParser, name: str) -> None:
     """The flags both experiment scripts take, defined once: what every trial shares and where it runs."""
     data = p.add_argument_group("what every trial shares: the transformer and the data")

@@ -5,7 +5,7 @@ ablation as a grid, the search from its Optuna space); `run_trial`, `trial_resou
 `trial_dirname` read it back, so a resumed trial keeps the config and resources it started with.
 
 - One worker: the engine runs in the trial's own process (a function trainable). A TorchTrainer
-  per trial costs ~20 s of start-up on a small machine, a function trial well under a second.
+  per trial costs 7-9 s more start-up than a function trial on a small machine (benchmarks/trial_startup.py).
   Checkpoints are the engine's verified format, handed to `tune.report`; a restored trial continues
   from its latest one at the exact step.
 - Several workers: the trial is Ray's driver function for Tune over Train. It fits a data-parallel
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmd.checkpoint import adopt_checkpoint
-from lmd.config import DATASET_PROJECTORS, DEFAULT_PROJECTOR, PRESETS, ConfigError, TrainConfig
+from lmd.config import PRESETS, ConfigError, TrainConfig, dataset_projector
 
 TRIAL_DRIVER_CPUS = 0.01  # a multi-worker trial only drives its TorchTrainer (Ray refuses 0)
 TRIAL_SPEC_VERSION = 2  # "version" in TrialSpec.to_dict(): a config of another shape is refused by name
@@ -113,7 +113,7 @@ class TrialBase:
 
     @property
     def latent_projector(self) -> str:
-        return self.projector or DATASET_PROJECTORS.get(self.dataset, DEFAULT_PROJECTOR)
+        return self.projector or dataset_projector(self.dataset)
 
     def validate(self) -> TrialBase:
         if self.preset not in PRESETS:
