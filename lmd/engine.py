@@ -166,6 +166,7 @@ class Engine:
 
         self.model: MaskedLatentTransformer = initial_model(cfg.model, cfg.run.seed).to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        self._params = list(self.model.parameters())  # clipped each step: listed once, not walked per step
         # What a training step calls: the model, wrapped for data parallelism, then compiled (compiling the
         # wrapper lets DDP's bucketed all-reduce overlap with the compiled backward).
         forward = wrap_model(self.model) if wrap_model is not None else self.model
@@ -186,7 +187,8 @@ class Engine:
     # ---------------------------------------------------------------- one step, evaluation
     def train_step(self, latents: torch.Tensor, ratio: float, noise: torch.Tensor) -> torch.Tensor:
         """One optimisation step. latents: [B, C, H, W]; noise: [B, L]. Returns the loss (on device)."""
-        self.model.train()
+        if not self.model.training:  # only after an evaluation: .train() walks every module (host time per step)
+            self.model.train()
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         ratio = shape_ratio(self.cfg.model.num_patches, ratio)  # the same visible count: one graph per count
@@ -196,7 +198,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip, foreach=True)
         self.optimizer.step()
         # The loss is read back only at the next log row: a CUDA graph's output would be overwritten by then.
         return loss.detach().clone() if self.cuda_graphs else loss.detach()
