@@ -6,10 +6,10 @@
 #      step rebuilt (benchmarks/official_step.py) at the same batch, with our/official ratios (issue 14, point 3);
 #   3. the real loop again with CUDA graphs (--compile-mode reduce-overhead);
 #   4. tests/test_gpu.py: pinned host batches, bit-exact resume on CUDA, CUDA graphs in Engine.fit;
-#   5. the step at batch 256 (the batch the README's earlier H200 table used);
+#   5. base_p4's step at batch 256 against the official step (the batch of the README's earlier H200 table);
 #   6. the projector's encode rate at 128 px, one process (issue 12's GPU figure; the pipeline needs Ray);
 #   7. with ABLATION=1 only: the ablation's exact trials through the engine at the probe-separating budget.
-# Each part has its own time limit; their sum (90 + 120 + 95 + 100 + 120 + 45 s = 570 s; +5 min with ABLATION=1)
+# Each part has its own time limit; their sum (90 + 150 + 95 + 100 + 90 + 45 s = 570 s; +5 min with ABLATION=1)
 # bounds the whole, under the device tool's 10 minutes a command. Output is unbuffered and every part writes as
 # it goes (step_speed rewrites its JSON after each row), so a part cut by its limit keeps what it measured.
 #
@@ -48,11 +48,11 @@ if [[ -d .device/fashion-mnist && -z "${LMD_FASHION_MNIST:-}" ]]; then export LM
 
 if [[ "${SMOKE:-0}" == "1" ]]; then  # same commands, CPU-sized (no compile: inductor takes minutes on CPU)
   # The official step is rebuilt at the tiny preset's dims here (fp32 on CPU): a rehearsal of the command, not a figure.
-  DEVICE=cpu; PRESETS="tiny"; BIG=64; SMALL=32; COMPILE=""; GRAPHS=""; OFFICIAL="--official tiny"
+  DEVICE=cpu; PRESETS="tiny"; FIRST=tiny; BIG=64; SMALL=32; COMPILE=""; GRAPHS=""; OFFICIAL="--official tiny"
   PRECOMPUTE="--items 64 --num-val 16 --repeats 1"; LOOP="--preset tiny --batch-size 64 --steps 20 --warmup 5"
   ABL="--variants lmd_cosine pixel_mae --seeds 2 --budget-by steps --budget 20 --evals 2 --num-train 256 --num-val 32 --num-probe 64 --batch-size 32"
 else
-  DEVICE=cuda; PRESETS="base_p4 large"; BIG=1024; SMALL=256; COMPILE="--compile"; OFFICIAL="--official base_p4"
+  DEVICE=cuda; PRESETS="base_p4 large"; FIRST=base_p4; BIG=1024; SMALL=256; COMPILE="--compile"; OFFICIAL="--official base_p4"
   LOOP="--preset small --batch-size 256 --steps 300 --warmup 30"; GRAPHS="--compile --compile-mode reduce-overhead"
   PRECOMPUTE="--items 4096 --num-val 512 --batch-size 256 --shard-size 512 --repeats 2"
   # 40 TFLOP per trial: where the linear probe leaves its random-encoder band on CPU (README).
@@ -62,16 +62,18 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU"; \
   $PY -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/device.txt"
 
-step() {  # the step at batch $1: ours eager and compiled per preset, the official step for base_p4
-  # The official rows (ViT-B, fp16 eager, 40 steps) add seconds, not minutes: most of this limit is compilation.
-  timeout 120 $PY benchmarks/step_speed.py --presets $PRESETS --batch-size "$1" --steps 30 --warmup 10 \
-    $COMPILE $OFFICIAL --device "$DEVICE" --json "$OUT/step-b$1.json" 2>&1 | tee -a "$OUT/step.txt" \
-    || echo "step_speed b$1: exit $?" | tee -a "$OUT/step.txt"
+step() {  # the step at batch $1 within $2 s for presets $3...: ours eager and compiled, the official step for base_p4
+  # The official rows (ViT-B, fp16 eager, 40 steps) add seconds, not minutes: most of each limit is compilation
+  # (shapes are static, so batch 256 compiles anew).
+  local batch=$1 limit=$2; shift 2
+  timeout "$limit" $PY benchmarks/step_speed.py --presets "$@" --batch-size "$batch" --steps 30 --warmup 10 \
+    $COMPILE $OFFICIAL --device "$DEVICE" --json "$OUT/step-b$batch.json" 2>&1 | tee -a "$OUT/step.txt" \
+    || echo "step_speed b$batch: exit $?" | tee -a "$OUT/step.txt"
 }
 
 timeout 90 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" 2>&1 | tee "$OUT/loop.txt" \
   || echo "loop_speed: exit $?" | tee -a "$OUT/loop.txt"
-step "$BIG"
+step "$BIG" 150 $PRESETS
 # The same loop with CUDA graphs (one per visible-token count; the loop's latents live on the GPU either way).
 timeout 95 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" $GRAPHS --profile-steps 0 2>&1 | tee -a "$OUT/loop.txt" \
   || echo "loop_speed graphs: exit $?" | tee -a "$OUT/loop.txt"
@@ -80,7 +82,7 @@ timeout 95 $PY benchmarks/loop_speed.py $LOOP --device "$DEVICE" $GRAPHS --profi
 # (xdist, timeout, cov, ...) are not needed here and one that does not match its pytest would stop the run.
 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 100 $PY -m pytest -o addopts="" -v -p no:cacheprovider -rs tests/test_gpu.py \
   2>&1 | tee "$OUT/gpu-tests.txt" || echo "tests/test_gpu.py: exit $?" | tee -a "$OUT/gpu-tests.txt"
-step "$SMALL"
+step "$SMALL" 90 $FIRST  # base_p4 only: the earlier H200 table has large at 256
 # Issue 12: the shipped projector's encode rate at 128 px on this GPU (the one-process path; no Ray here).
 timeout 45 $PY benchmarks/precompute.py --one-process --device "$DEVICE" $PRECOMPUTE --profile 2>&1 \
   | tee "$OUT/precompute.txt" || echo "precompute: exit $?" | tee -a "$OUT/precompute.txt"
