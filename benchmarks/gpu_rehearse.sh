@@ -6,7 +6,7 @@
 # its image's packages (/work/.library/device/KINDS.md lists them: tqdm, pytest with pytest-xdist, -timeout, -cov,
 # -mock, -benchmark and hypothesis among them; no Ray, Optuna, Plotly or foolbox). This script builds such an
 # interpreter (pip, from the package index; ~2 GB, a few minutes the first time, reused after) with the packages
-# the session touches, and runs the whole session in it with SMOKE=1 ABLATION=1 after benchmarks/gpu_prepare.sh,
+# the session touches, and runs the session in it with SMOKE=1 (then ABLATION=1) after benchmarks/gpu_prepare.sh,
 # so what the session carries is what makes it work. By hand, not in CI (it downloads torch).
 # NO_TOOLS=1 leaves tqdm and pytest out of a new venv: the session must then install the ones it carries.
 #
@@ -33,6 +33,13 @@ rm -rf /tmp/lmd-site  # gpu_session.sh installs the carried wheels here, as it d
 OUT=${OUT:-/tmp/lmd-gpu-rehearsal}
 rm -rf "$OUT"
 # device_site blocks Ray & co. as the GPU machine lacks them (they are not in this venv either; belt and braces).
-OUT=$OUT SMOKE=1 ABLATION=1 PYTHON="$VENV/bin/python" PYTHONPATH=tests/device_site bash benchmarks/gpu_session.sh
-if grep -rl ": exit [0-9]" "$OUT" --include="*.txt"; then echo "gpu_rehearse: a part failed (files above)" >&2; exit 1; fi
+# The two device calls a session makes: every part, then ABLATION=1 alone (each into its own $OUT, as there).
+OUT=$OUT/session SMOKE=1 PYTHON="$VENV/bin/python" PYTHONPATH=tests/device_site bash benchmarks/gpu_session.sh
+OUT=$OUT/ablation SMOKE=1 ABLATION=1 PYTHON="$VENV/bin/python" PYTHONPATH=tests/device_site bash benchmarks/gpu_session.sh
+if grep -rlE ": (pip install )?exit [0-9]" "$OUT" --include="*.txt"; then
+  echo "gpu_rehearse: a part failed (files above)" >&2; exit 1
+fi
+for out in "$OUT/session" "$OUT/ablation"; do  # what the device tool would bring back: 8 files at most
+  (( $(find "$out" -type f | wc -l) <= 8 )) || { echo "gpu_rehearse: more than 8 files under $out" >&2; exit 1; }
+done
 echo "gpu_rehearse: every part ran in $VENV ($("$VENV/bin/python" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'))"

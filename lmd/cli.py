@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("precompute", help="encode a dataset into a Parquet latent store (OUT/train, OUT/val)")
     pc.add_argument("--dataset", default="bundled", help="bundled, fashion-mnist, mnist, or a directory of images")
-    pc.add_argument("--projector", help="lmd-f8c4 (default; fashion-mnist: lmd-f8c4-fmnist, as in lmd train), "
-                    "identity, taesd:DIR, sdvae:DIR or a file")
+    pc.add_argument("--projector", help="lmd-f8c4 (default; fashion-mnist: lmd-f8c4-fmnist, the projector lmd train "
+                    "uses for it), identity, taesd:DIR, sdvae:DIR or a file")
     pc.add_argument("--resolution", type=int,
                     help="image side in pixels (default 32 for fashion-mnist and mnist, their padded size; else 128)")
     pc.add_argument("--out", required=True, metavar="DIR|URI",

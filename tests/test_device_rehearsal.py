@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(__file__).resolve().parent / "device_site"
 
 
-def run_as_on_device(*argv: str) -> str:
-    env = {**os.environ, "PYTHONPATH": f"{SITE}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+def run_as_on_device(*argv: str, **extra_env: str) -> str:
+    env = {**os.environ, "PYTHONPATH": f"{SITE}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1", **extra_env}
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{' '.join(argv)} failed on the rehearsed GPU machine:\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -67,8 +67,8 @@ def test_lmd_train_runs_on_the_engine_alone(tmp_path):
 
 
 def test_the_gpu_tests_collect_without_ray_or_xdist():
-    # As gpu_session.sh runs them; the GPU machine has no pytest-xdist (-p no:xdist), so pyproject's `-n 2` must
-    # not reach pytest there.
-    stdout = run_as_on_device("-m", "pytest", "-o", "addopts=", "-p", "no:xdist", "-q", "-p", "no:cacheprovider",
-                              "-rs", "tests/test_gpu.py")
+    # As gpu_session.sh runs them: no plugin autoload (the GPU image's plugins must not stop the run), so no
+    # pytest-xdist either, and pyproject's `-n 2` must not reach pytest.
+    stdout = run_as_on_device("-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-rs",
+                              "tests/test_gpu.py", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     assert "4 skipped" in stdout or "4 passed" in stdout, stdout

@@ -708,7 +708,8 @@ def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
 
 def test_experiment_help_shows_defaults_its_text_does_not_already_give():
     for script, shown in (("tune/search.py", ["trials (default: 12)", "TPE sampler seed (default: 0)"]),
-                          ("tune/ablation.py", ["(time) or steps (steps) (default: 1.6)"])):
+                          ("tune/ablation.py", ["(time) or steps (steps) (default: 1.6)", "--seeds SEEDS default: 3",
+                                                "--preset PRESET default: mini_p1"])):
         proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
         text = " ".join(proc.stdout.split())  # argparse wraps lines
         assert proc.returncode == 0 and all(s in text for s in shown), (script, text)

@@ -267,8 +267,8 @@ def test_asking_a_digits_split_for_more_items_than_it_holds_is_refused_by_name()
 
 
 def test_precompute_of_fashion_mnist_defaults_to_its_own_projector_at_its_native_size(tmp_path):
-    # The store `lmd precompute --dataset fashion-mnist` makes is the one `lmd train --dataset fashion-mnist` makes:
-    # the shipped Fashion-MNIST projector at 32 px (it used to be the photo projector at 128 px, a 16x larger store).
+    # `lmd precompute --dataset fashion-mnist` encodes with the projector `lmd train --dataset fashion-mnist` uses, at
+    # the images' own 32 px, as the experiments do (it used to be the photo projector at 128 px, a 16x larger store).
     out = tmp_path / "store"
     proc = subprocess.run([sys.executable, "-m", "lmd.cli", "precompute", "--dataset", "fashion-mnist", "--limit", "32",
                            "--num-val", "16", "--encoders", "1", "--out", str(out)],

@@ -20,6 +20,7 @@ this module is the rest, in the order a run goes through it:
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -122,16 +123,25 @@ class ExperimentSpec:
 
 
 class DefaultsHelp(argparse.HelpFormatter):
-    """--help shows a flag's default where its help does not already say it (and the default says something)."""
+    """--help shows every flag's default that says something, unless its help already names it."""
+
+    @staticmethod
+    def _default_text(action: argparse.Action) -> str | None:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default in ("", argparse.SUPPRESS):
+            return None  # positional, or a default that says nothing (0 says something)
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return "default: " + shown.replace("%", "%%")  # help strings are %-formatted by argparse
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._default_text(action):  # argparse prints nothing for a flag without help
+            action = copy.copy(action)
+            action.help = self._default_text(action)
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        says_nothing = default is None or default is False or default in ("", argparse.SUPPRESS)  # 0 says something
-        if text and "default" not in text and not says_nothing and action.option_strings:
-            shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
-            text += f" (default: {shown})"
-        return text
+        text, default = action.help or "", self._default_text(action)
+        return f"{text} ({default})" if default and "default" not in text else text
 
 
 def add_shared_flags(p: argparse.ArgumentParser, name: str) -> None:
