@@ -33,16 +33,16 @@ LATENT_FACTOR = 8  # presets describe f8 latents: latent_size * 8 = image resolu
 # Seeds are at most 32 bits: NumPy takes no more, and the engine's per-step seeds (lmd.engine.step_seed)
 # must stay within torch's int64 generator seed.
 MAX_SEED = 2**32 - 1
-
-
-def dataset_projector(dataset: str) -> str:
-    """The projector a dataset's latents are made with unless one is named: its own shipped one, else the photos'."""
-    return DATASET_PROJECTORS.get(dataset, DEFAULT_PROJECTOR)
 # Items each split of a fixed dataset holds (train, held-out), checked before anything is built.
 SOURCE_SIZES = {"fashion-mnist": (60_000, 10_000), "mnist": (60_000, 10_000)}
 # Random crops of the bundled photos: more than this is hours of encoding for no new pixels (~30 photos).
 MAX_BUNDLED_CROPS = 1_000_000
 DEFAULT_PRESET = "tiny"
+
+
+def dataset_projector(dataset: str) -> str:
+    """The projector a dataset's latents are made with unless one is named: its own shipped one, else the photos'."""
+    return DATASET_PROJECTORS.get(dataset, DEFAULT_PROJECTOR)
 
 
 class ConfigError(ValueError):

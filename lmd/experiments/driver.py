@@ -134,9 +134,10 @@ class DefaultsHelp(argparse.HelpFormatter):
         return "default: " + shown.replace("%", "%%")  # help strings are %-formatted by argparse
 
     def _format_action(self, action: argparse.Action) -> str:
-        if not action.help and self._default_text(action):  # argparse prints nothing for a flag without help
+        default = self._default_text(action)
+        if not action.help and default:  # argparse prints nothing for a flag without help: make it some
             action = copy.copy(action)
-            action.help = self._default_text(action)
+            action.help = default
         return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
