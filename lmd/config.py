@@ -25,6 +25,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes
 DATASETS = ("fashion-mnist", "bundled", "mnist", "synthetic")  # or a directory of images
 LOADERS = ("auto", "ray", "memory")
+# Which held-out items a run is scored on: all of them, or one half. A search selects its configurations on the
+# first half ("select") and scores its finalists on the second ("confirm"), which it never selected on.
+HELDOUT_PARTS = ("all", "select", "confirm")
 PIXEL_PROJECTORS = ("identity",)  # projectors that keep pixel space (f=1, 3 channels)
 DEFAULT_PROJECTOR = "lmd-f8c4"  # the shipped photo projector
 # The shipped projector made for a dataset: what `data.projector` defaults to when the dataset has one.
@@ -181,6 +184,7 @@ class DataConfig:
     # Labelled training items the linear probe is fit on (scored on the num_val held-out items) at
     # every evaluation; 0 turns the probe off. Unlabelled stores have no probe.
     num_probe: int = option(2048, "--num-probe", "labelled items the probe is fit on (0 = off; default {default})")
+    heldout: str = "all"  # HELDOUT_PARTS: the held-out items evaluations score (lmd.data.latents.heldout_slice)
 
     def validate(self) -> None:
         _require(self.dataset in DATASETS or Path(self.dataset).is_dir(), "data.dataset", self.dataset,
@@ -205,6 +209,9 @@ class DataConfig:
         _require(self.num_train >= self.batch_size, "data.num_train", self.num_train,
                  f"must be >= data.batch_size={self.batch_size}")
         _require(self.num_val > 0, "data.num_val", self.num_val, "must be > 0")
+        _require(self.heldout in HELDOUT_PARTS, "data.heldout", self.heldout, f"choose one of {', '.join(HELDOUT_PARTS)}")
+        _require(self.heldout == "all" or self.num_val >= 2, "data.heldout", self.heldout,
+                 f"needs data.num_val >= 2 to split the held-out items in halves (num_val={self.num_val})")
         _require(self.num_probe == 0 or self.num_probe >= 10, "data.num_probe", self.num_probe,
                  "must be 0 (no probe) or >= 10")
 

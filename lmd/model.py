@@ -227,6 +227,12 @@ def _patch_embed_flops(cfg: ModelConfig) -> float:
     return 2.0 * cfg.num_patches * cfg.patch_dim * cfg.embed_dim
 
 
+def encoder_flops_per_sample(cfg: ModelConfig) -> float:
+    """Matmul FLOPs of encoding one image for a downstream task: every patch visible (ratio 0), no decoder.
+    The cost a user of the pre-trained encoder pays per image (the search's second objective)."""
+    return _patch_embed_flops(cfg) + cfg.depth * _block_flops(1 + cfg.num_patches, cfg.embed_dim, cfg.mlp_ratio)
+
+
 def forward_flops_per_sample(cfg: ModelConfig, mask_ratio: float) -> float:
     """Matmul FLOPs of one forward pass at `mask_ratio` (the encoder only sees visible tokens)."""
     length = cfg.num_patches

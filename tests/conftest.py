@@ -96,7 +96,7 @@ def run_tune_script(script: str, *args: str, timeout: float = 600):
 # dominates on CPU), the probe fit on 64 labelled items.
 SMALL_DATA = ["--num-train", "128", "--num-val", "16", "--num-probe", "64", "--batch-size", "16"]
 SMALL_RUN = ["--budget-by", "steps", "--budget", "20", "--evals", "2", *SMALL_DATA]  # the ablation
-SMALL_SEARCH = ["--budget", "20", "--eval-every", "10", *SMALL_DATA]
+SMALL_SEARCH = ["--budget", "0.01", "--evals", "2", "--finalists", "1", "--seeds", "2", *SMALL_DATA]
 
 
 @pytest.fixture(scope="session")

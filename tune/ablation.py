@@ -28,7 +28,6 @@ import logging
 import sys
 
 from lmd.experiments.ablation import (
-    BUDGET_UNITS,
     SUMMARY_FILE,
     AblationSpec,
     Variant,
@@ -37,6 +36,7 @@ from lmd.experiments.ablation import (
     plan_ablation,
     write_summary,
 )
+from lmd.experiments.budget import BUDGET_BY_HELP, BUDGET_HELP, BUDGET_UNITS
 from lmd.experiments.driver import (
     DefaultsHelp,
     ExperimentSpec,
@@ -73,10 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=DefaultsHelp)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--budget-by", choices=list(BUDGET_UNITS), default="flops",
-                   help="equal training FLOPs (default), equal device seconds, or equal steps (contrast)")
-    p.add_argument("--budget", type=float, default=1.6,
-                   help="per trial: TFLOP (--budget-by flops), device seconds (time) or steps (steps)")
+    p.add_argument("--budget-by", choices=list(BUDGET_UNITS), default="flops", help=BUDGET_BY_HELP)
+    p.add_argument("--budget", type=float, default=1.6, help=BUDGET_HELP)
     p.add_argument("--evals", type=int, default=4,
                    help="evaluations per trial, at equal fractions of its training FLOPs")
     p.add_argument("--target-metric", choices=TARGET_METRICS, default="val_psnr",  # comparable across spaces

@@ -1,24 +1,34 @@
-"""Optuna (TPE) + ASHA search over LMD's mask schedule, depths and learning rate on Ray Tune.
+"""Optuna search over LMD's mask schedule, depths and learning rate on Ray Tune, at equal compute, with an answer.
 
     python tune/search.py                                      # embedded defaults: local Ray, CPU
-    python tune/search.py --samples 32 --budget 400 --metric val_psnr
-    python tune/search.py --resume                             # continue an interrupted search
-    python tune/search.py --samples 64 --budget 20000 --preset base_p4 --resolution 224 \
+    python tune/search.py --samples 32 --budget 8 --finalists 5 --seeds 5
+    python tune/search.py --objectives                         # quality against encoder inference FLOPs: a front
+    python tune/search.py --resume                             # continue an interrupted search (either phase)
+    python tune/search.py --samples 64 --budget 2000 --preset base_p4 --resolution 224 \
         --address auto --gpus-per-trial 1 --storage /shared/lmd-tune
     optuna-dashboard runs/tune/search/optuna.journal           # inspect the study
 
-Searches (SearchSpace below) the mask scheduler, its start / final ratio and ramp, encoder and
-decoder depth and the learning rate, maximising `--metric`: the held-out linear-probe accuracy of
-the frozen encoder (the paper's measure; default, needs a labelled dataset) or the held-out PSNR
-of decoded reconstructions. ASHA stops weak trials early. The space is define-by-run, so
-conditional parameters are real: `constant` (with --include-constant) samples neither a start
-ratio nor a ramp. The Optuna study lives in a journal file next to the Tune results, so a resumed
-search keeps one study. Each scheduler's best trial is printed next to its references (the no-model
-fill, the projector ceiling, the probe on raw inputs and on random encoders of its sampled geometry),
-saying which it beats and which it does not. Writes <storage>/<name>/: results.parquet, optuna.journal,
-references.json, pictures.parquet (each scheduler's best trial by --metric) and dashboard.html.
-The parts below this script: lmd/experiments/ (search.py: checks and references; trial.py: what a
-trial is and runs; driver.py: the rest).
+Two phases. **Search**: Optuna (TPE; NSGA-II with --sampler nsga2) samples the mask scheduler, its
+start / final ratio and ramp, encoder and decoder depth and the learning rate; every trial gets the
+same budget (`--budget-by flops|time|steps` and `--budget` as in tune/ablation.py: by default the
+same training FLOPs, so each sampled configuration trains for the steps its own depths and schedule
+spend in that budget), evaluates `--evals` times at equal fractions of its FLOPs and is scored on
+one half of the held-out items. Early stopping (`ScheduleFairASHA`) has rungs in training FLOPs and
+compares a trial only with trials of its own scheduler type once its ramp has ended, so a curriculum
+is not stopped for being mid-ramp. **Finalists**: the `--finalists` best configurations and the
+paper's (cosine 0.15 -> 0.75 over 2/3 of training) are re-run with `--seeds` fresh seeds at the same
+budget and scored on the other held-out half, which nothing was selected on: mean and 95% interval of
+the objective, the probe and PSNR, next to the no-model references, and a verdict against the
+paper's configuration (better / worse / not separable). With `--objectives` the encoder's inference
+FLOPs per image is a second objective (no early stopping: a front needs full-budget values) and
+the Pareto front is written. Parameter importances are printed beside the finalists' seed noise.
+
+Writes <storage>/<name>/: results.parquet (search trials), finalists.parquet, finalists.json (the
+answer), importances.json, pareto.json (--objectives), optuna.journal, references.json (each
+scheduler's best search trial), pictures.parquet and dashboard.html. The parts below this script:
+lmd/experiments/ (search.py: checks, early stopping, the searcher, the finalist trials; finalists.py:
+the answer from the tables; budget.py: what a budget is; trial.py: what a trial is and runs; driver.py:
+the rest).
 """
 
 from __future__ import annotations
@@ -32,51 +42,84 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
+from lmd.config import ConfigError, TrainConfig
 from lmd.config_build import build_config
+from lmd.experiments.budget import BUDGET_BY_HELP, BUDGET_HELP, BUDGET_UNITS, Budget
 from lmd.experiments.driver import (
     DefaultsHelp,
     ExperimentSpec,
     add_shared_flags,
     check_start,
+    experiment_session,
     finish,
-    fit,
+    run_tuner,
     usage_errors,
     write_results,
 )
-from lmd.experiments.results import REFERENCES_FILE
+from lmd.experiments.finalists import (
+    ENCODER_COST,
+    FINALISTS_FILE,
+    FINALISTS_PLAN_FILE,
+    FINALISTS_RESULTS_FILE,
+    FINALISTS_RUN,
+    IMPORTANCES_FILE,
+    PAPER,
+    PARETO_FILE,
+    Finalist,
+    choose_finalists,
+    finalist_seeds,
+    finalists_record,
+    format_finalists,
+    format_importances,
+    format_pareto,
+    importances_record,
+    json_safe,
+    parameter_effects,
+    pareto_record,
+    seed_spread,
+)
+from lmd.experiments.results import REFERENCES_FILE, tidy_table, write_table
 from lmd.experiments.search import (
     JOURNAL_FILE,
     ResumableOptunaSearch,
-    best_trial,
+    ScheduleFairASHA,
+    budgeted,
     check_search,
+    finalist_trials,
+    paper_config,
     reference_report,
     search_base,
     search_references,
+    source_configs,
 )
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec, concurrent_trials, trial_dirname
-from lmd.io import write_json_atomic
+from lmd.io import read_json_object, write_json_atomic
 
 PROG = "search"
-METRICS = ("val_probe_acc", "val_psnr")  # both: higher is better
+METRICS = ("val_psnr", "val_probe_acc")  # both: higher is better
 MODE = "max"
+SAMPLERS = ("tpe", "nsga2")
 # What a resumed search must share with the one it continues (the rest only places or names it).
-EXPERIMENT_ARGS = ("samples", "budget", "metric", "preset", "projector", "dataset", "resolution", "num_train",
-                   "num_val", "num_probe", "batch_size", "end_range", "depth_range", "decoder_depth_range", "lr_range",
-                   "include_constant", "eval_every", "seed", "workers_per_trial", "loader", "latents")
+EXPERIMENT_ARGS = ("samples", "budget_by", "budget", "evals", "metric", "grace", "finalists", "seeds", "objectives",
+                   "sampler", "preset", "projector", "dataset", "resolution", "num_train", "num_val", "num_probe",
+                   "batch_size", "end_range", "depth_range", "decoder_depth_range", "lr_range", "include_constant",
+                   "seed", "workers_per_trial", "loader", "latents")
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """Optuna's define-by-run space (picklable: Tune checkpoints the searcher with it).
 
-    Samples this trial's values, then returns its TrialSpec (the fixed base with them applied) as
-    a constant beside them: every trial's Tune config holds a TrialSpec under "trial".
+    Samples this trial's values, plans its steps from its own FLOPs per step and schedule (so every
+    trial spends the same budget), then returns its TrialSpec as a constant beside them: every
+    trial's Tune config holds a TrialSpec under "trial".
     """
 
     base: dict[str, Any]  # dotted TrainConfig overrides every trial shares (search_base)
     placement: Placement
+    budget: Budget
+    evals: int
     schedulers: tuple[str, ...]
     end_range: tuple[float, float]
     depth_range: tuple[int, int]
@@ -93,25 +136,43 @@ class SearchSpace:
         sampled["model.depth"] = trial.suggest_int("depth", *self.depth_range)
         sampled["model.decoder_depth"] = trial.suggest_int("decoder_depth", *self.decoder_depth_range)
         sampled["optim.lr"] = trial.suggest_float("lr", *self.lr_range, log=True)
-        cfg = build_config(overrides={**self.base, **sampled})
+        cfg = budgeted(build_config(overrides={**self.base, **sampled}), self.budget, self.evals)
         return {"trial": TrialSpec(scheduler, cfg, self.placement).to_dict()}
+
+    def geometries(self) -> list[Any]:
+        """One config per depth pair the space can sample (a time budget measures each one's rate up front)."""
+        return [build_config(overrides={**self.base, "model.depth": d, "model.decoder_depth": dd})
+                for d in range(self.depth_range[0], self.depth_range[1] + 1)
+                for dd in range(self.decoder_depth_range[0], self.decoder_depth_range[1] + 1)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0],
                                 formatter_class=DefaultsHelp)
-    p.add_argument("--samples", type=int, default=12, help="trials")
-    p.add_argument("--budget", type=int, default=200,
-                   help="max steps per trial, not TFLOP as in tune/ablation.py (ASHA stops weak ones earlier)")
-    p.add_argument("--metric", choices=METRICS, default="val_probe_acc",
-                   help="objective: linear-probe accuracy (default) or decoded PSNR, on held-out items")
+    p.add_argument("--samples", type=int, default=10, help="search trials (Optuna samples)")
+    p.add_argument("--budget-by", choices=list(BUDGET_UNITS), default="flops", help=BUDGET_BY_HELP)
+    p.add_argument("--budget", type=float, default=1.6, help=BUDGET_HELP)
+    p.add_argument("--evals", type=int, default=4, help="evaluations per trial, at equal fractions of its training "
+                   "FLOPs (the early-stopping rungs fall on them)")
+    p.add_argument("--metric", choices=METRICS, default="val_psnr",
+                   help="objective, on held-out items: decoded PSNR (default: it separates at small budgets) or the "
+                        "linear probe (the paper's measure; it leaves its random-encoder band only at ~20-40 TFLOP "
+                        "per trial here); both are reported on every row")
+    p.add_argument("--grace", type=float, default=0.5,
+                   help="first early-stopping rung, as a fraction of the budget (then x2); 1 = no early stopping")
+    p.add_argument("--finalists", type=int, default=3,
+                   help="best configurations re-run with --seeds fresh seeds beside the paper's (0 = no finalists)")
+    p.add_argument("--seeds", type=int, default=3, help="fresh seeds per finalist")
+    p.add_argument("--objectives", action="store_true",
+                   help="also minimise the encoder's inference FLOPs per image (multi-objective: a Pareto front; "
+                        "no early stopping)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (both handle two objectives)")
     p.add_argument("--end-range", nargs=2, type=float, default=[0.5, 0.9], metavar=("LOW", "HIGH"))
     p.add_argument("--depth-range", nargs=2, type=int, default=[1, 4], metavar=("LOW", "HIGH"))
     p.add_argument("--decoder-depth-range", nargs=2, type=int, default=[1, 3], metavar=("LOW", "HIGH"))
     p.add_argument("--lr-range", nargs=2, type=float, default=[3e-4, 3e-3], metavar=("LOW", "HIGH"))
     p.add_argument("--include-constant", action="store_true", help="also search the constant (MAE) schedule")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--latents", default="", metavar="STORE",
                    help="search on a store made by `lmd precompute` (a folder every node sees, or s3://...); it must "
                         "match --preset, --projector and --resolution (checked and hashed once, before any trial)")
@@ -119,51 +180,179 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def experiment(args: argparse.Namespace) -> tuple[ExperimentSpec, TrialBase]:
+def experiment(args: argparse.Namespace) -> tuple[ExperimentSpec, TrialBase, Budget]:
     """The typed, validated experiment these flags describe (a bad value raises ConfigError naming its flag)."""
     exp = ExperimentSpec.from_flags(PROG, args)
     base = TrialBase.from_flags(args)
     ranges = {"--end-range": args.end_range, "--depth-range": args.depth_range,
               "--decoder-depth-range": args.decoder_depth_range, "--lr-range": args.lr_range}
-    check_search(ranges, args.samples, args.budget, exp)
-    return exp.validate(args.batch_size), base.validate()
+    check_search(ranges, args.samples, args.finalists, args.seeds, args.grace, exp)
+    if args.evals < 1:
+        raise ConfigError(f"--evals={args.evals}: must be >= 1")
+    budget = Budget(args.budget_by, args.budget, workers=args.workers_per_trial, cpus=args.cpus_per_trial)
+    return exp.validate(args.batch_size), base.validate(), budget.validate()
+
+
+def sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with usage_errors(PROG):  # bad input: one line, exit code 2
-        exp, base = experiment(args)
+        exp, base, budget = experiment(args)
         check_start(exp, vars(args), EXPERIMENT_ARGS)  # a free folder, or a resume of the same search
-        fixed = search_base(base, exp.placement(), args.budget, args.eval_every, args.metric)  # builds the store
-    schedulers = ("uniform", "piecewise", "cosine") + (("constant",) if args.include_constant else ())
-    space = SearchSpace(fixed, exp.placement(), schedulers=schedulers,
-                        end_range=tuple(args.end_range), depth_range=tuple(args.depth_range),
-                        decoder_depth_range=tuple(args.decoder_depth_range), lr_range=tuple(args.lr_range))
+        placement = exp.placement()
+        fixed = search_base(base, placement, args.metric)  # builds the store
+        schedulers = ("uniform", "piecewise", "cosine") + (("constant",) if args.include_constant else ())
+        space = SearchSpace(fixed, placement, budget, args.evals, schedulers=schedulers,
+                            end_range=tuple(args.end_range), depth_range=tuple(args.depth_range),
+                            decoder_depth_range=tuple(args.decoder_depth_range), lr_range=tuple(args.lr_range))
+        budget.measure_rates(space.geometries())  # a time budget: every depth pair's rate, before trials share the CPUs
+        paper = paper_config(fixed, budget, args.evals)  # planned now: a budget too small for it is refused here
+    print(f"budget: {budget.amount:g} {budget.unit} per trial (--budget-by {budget.by}); the paper's configuration "
+          f"trains {paper.run.steps} steps in it", flush=True)
+    metrics: str | list[str] = [args.metric, ENCODER_COST] if args.objectives else args.metric
+    modes: str | list[str] = [MODE, "min"] if args.objectives else MODE
 
-    def new_tuner(trainable: type[tune.Trainable]) -> tune.Tuner:
+    def new_search(trainable: type[tune.Trainable]) -> tune.Tuner:
         journal = JournalStorage(JournalFileBackend(str(exp.folder / JOURNAL_FILE)))
         # OptunaSearch that, resumed, reuses the Optuna trials a killed driver had asked for but Tune never saved.
-        searcher = ResumableOptunaSearch(space, metric=args.metric, mode=MODE, study_name=exp.name, storage=journal,
-                                         sampler=optuna.samplers.TPESampler(seed=args.seed))
-        scheduler = ASHAScheduler(time_attr="step", max_t=args.budget,
-                                  grace_period=min(args.budget, 2 * args.eval_every), reduction_factor=2)
+        searcher = ResumableOptunaSearch(space, metric=metrics, mode=modes, study_name=exp.name, storage=journal,
+                                         sampler=sampler(args.sampler, args.seed))
+        # A Pareto front needs every trial's full-budget values: no early stopping with two objectives.
+        scheduler = (tune.schedulers.FIFOScheduler() if args.objectives or args.grace >= 1.0
+                     else ScheduleFairASHA(args.metric, MODE, grace=args.grace))
         return tune.Tuner(
             trainable,  # lmd.experiments.trial.run_trial with each trial's own resources
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=args.metric, mode=MODE,
-                                        num_samples=args.samples,
-                                        max_concurrent_trials=concurrent_trials(exp.placement()),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.samples,
+                                        max_concurrent_trials=concurrent_trials(placement),
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage_path, verbose=0))
 
-    results = fit(exp, new_tuner, vars(args))  # restores the Tuner (and its searcher) with --resume
-    table = write_results(results, exp)
-    print(best_trial(results, args.metric, MODE))
-    if not table.empty:  # every best trial next to the no-model references (references.json, for the dashboard)
-        references = search_references(results, table, args.metric)
-        write_json_atomic(exp.folder / REFERENCES_FILE, {"references": references})
-        print("\n".join(reference_report(table, args.metric, references)))
+    with experiment_session(exp, vars(args)):
+        results = run_tuner(exp.storage_path, exp.name, new_search)  # restored with --resume
+        table = write_results(results, exp)
+        record = None
+        if args.finalists and not table.empty:
+            finalists = plan_finalists(exp, results, table, args, paper)
+            record = run_finalists(exp, finalists, args, placement)
+    if not table.empty:  # the answer first, then how it was reached
+        report(exp, results, table, record, args)
     print(f"Optuna study: {exp.folder / JOURNAL_FILE}")
-    return finish(results, table, exp, pick="best", metric=args.metric)  # each scheduler's best trial's pictures
+    code = finish(results, table, exp, pick="best", metric=args.metric)  # each scheduler's best trial's pictures
+    if record is not None and record.get("failed_trials"):
+        print(f"{PROG}: {record['failed_trials']} finalist trial(s) failed (see {exp.folder / FINALISTS_RUN})",
+              file=sys.stderr)
+        return code or 1
+    return code
+
+
+def plan_finalists(exp: ExperimentSpec, results: Any, table: Any, args: argparse.Namespace,
+                   paper: Any) -> tuple[list[Finalist], dict[str, Any]]:
+    """The finalists and their configurations: chosen from the search's table, or, on --resume, the ones a killed
+    driver chose (FINALISTS_PLAN_FILE, written before their first trial)."""
+    path = exp.folder / FINALISTS_PLAN_FILE
+    if path.is_file():
+        saved = read_json_object(path, "the finalist plan", ValueError)
+        finalists = [Finalist.from_dict(f) for f in saved["finalists"]]
+        configs = {name: TrainConfig.from_dict(raw) for name, raw in saved["configs"].items()}
+        return finalists, configs
+    chosen = choose_finalists(table, args.metric, args.finalists)
+    configs = {**source_configs(results, chosen), PAPER: paper}
+    params = {"scheduler": "cosine", "mask_start": paper.mask.start, "mask_end": paper.mask.end,
+              "mask_ramp": paper.mask.ramp, "depth": paper.model.depth, "decoder_depth": paper.model.decoder_depth,
+              "lr": paper.optim.lr}
+    finalists = [*chosen, Finalist(PAPER, None, None, None, params)]
+    write_json_atomic(path, {"finalists": [f.to_dict() for f in finalists],
+                             "configs": {name: cfg.to_dict() for name, cfg in configs.items()}})
+    return finalists, configs
+
+
+def run_finalists(exp: ExperimentSpec, plan: tuple[list[Finalist], dict[str, Any]], args: argparse.Namespace,
+                  placement: Placement) -> dict[str, Any]:
+    """The finalist phase (a Tune run of its own inside the experiment folder, resumed like the search): each
+    finalist and the paper's configuration x fresh seeds; its table, references and finalists.json."""
+    from lmd.experiments.references import compute_references
+
+    finalists, configs = plan
+    trials = finalist_trials(finalists, configs, args.seeds, placement)
+    print(f"finalists: {', '.join(f.name for f in finalists)} x {args.seeds} fresh seeds "
+          f"({len(trials)} trials, scored on the held-out half the search did not select on)", flush=True)
+
+    def new_grid(trainable: type[tune.Trainable]) -> tune.Tuner:
+        return tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.to_dict() for t in trials])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(placement),
+                                        trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=FINALISTS_RUN, storage_path=str(exp.folder),
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=0))
+
+    results = run_tuner(str(exp.folder), FINALISTS_RUN, new_grid)
+    table = tidy_table(results, devices_per_trial=exp.devices_per_trial)
+    write_table(table, exp.folder / FINALISTS_RESULTS_FILE)
+    confirm = {t.variant: t.cfg for t in trials if t.seed == finalist_seeds(1)[0]}
+    references = compute_references(confirm, seeds=finalist_seeds(args.seeds))
+    record = finalists_record(table, finalists, args.metric, finalist_seeds(args.seeds), references,
+                              Budget(args.budget_by, args.budget).record())
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        record["failed_trials"] = len(errors)
+    write_json_atomic(exp.folder / FINALISTS_FILE, json_safe(record))
+    return record
+
+
+def report(exp: ExperimentSpec, results: Any, table: Any, record: dict[str, Any] | None,
+           args: argparse.Namespace) -> None:
+    """Print (and write) the answer first, then the front, importances and each scheduler's best search trial."""
+    if record is not None:
+        print(format_finalists(record))
+    else:
+        print("answer: none: no finalist phase (--finalists 0); the search trials below are one seed each, picked "
+              "on the split they are scored on")
+    if args.objectives:
+        pareto = pareto_record(table, args.metric)
+        write_json_atomic(exp.folder / PARETO_FILE, json_safe(pareto))
+        print(format_pareto(pareto))
+    importances = study_importances(exp, args.metric, args.objectives)
+    effects = parameter_effects(table, args.metric)
+    imp = importances_record(importances, effects, args.metric, trials=finished_count(table, args.metric),
+                             evaluator="FanovaImportanceEvaluator",
+                             seed_spread=seed_spread(record) if record is not None else None)
+    write_json_atomic(exp.folder / IMPORTANCES_FILE, json_safe(imp))
+    print(format_importances(imp))
+    references = search_references(results, table, args.metric)  # on the selection half, for each best trial
+    write_json_atomic(exp.folder / REFERENCES_FILE, {"references": references})
+    print("\n".join(reference_report(table, args.metric, references)))
+
+
+def finished_count(table: Any, metric: str) -> int:
+    from lmd.experiments.results import complete_trials
+
+    done, _ = complete_trials(table)
+    return int(done.dropna(subset=[metric])["trial_id"].nunique())
+
+
+def study_importances(exp: ExperimentSpec, metric: str, objectives: bool) -> dict[str, float]:
+    """fANOVA importances of the parameters every trial has, over the study's completed trials ({} with fewer than
+    two, or when fANOVA cannot fit them)."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    try:
+        journal = JournalStorage(JournalFileBackend(str(exp.folder / JOURNAL_FILE)))
+        study = optuna.load_study(study_name=exp.name, storage=journal)
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) < 2:
+            return {}
+        shared = sorted(set.intersection(*(set(t.params) for t in complete)))
+        return dict(get_param_importances(study, params=shared, evaluator=FanovaImportanceEvaluator(seed=0),
+                                          target=(lambda t: t.values[0]) if objectives else None))
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. all trials with one value: nothing to attribute
+        print(f"importances: not computed ({type(err).__name__}: {err})")
+        return {}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Read an experiment's results for the dashboard: the tidy table, references, budget, pictures and Optuna study.
+"""Read an experiment's results for the dashboard: the tidy table, references, budget, pictures and Optuna study,
+and a search's answer (finalists.json, pareto.json, importances.json).
 
 Reads files only (results.parquet, references.json, summary.json, pictures.parquet, optuna.journal,
-args.json); nothing is re-run, and nothing here imports torch. A table that lacks a required
-column, or was written by an unknown schema, is refused with a message naming the file and what
-is missing; columns added by later schemas are optional, and the page says what an older file
-cannot show.
+args.json and a search's JSON records); nothing is re-run, and nothing here imports torch. A table
+that lacks a required column, or was written by an unknown schema, is refused with a message
+naming the file and what is missing; columns added by later schemas are optional, and the page
+says what an older file cannot show. The search's JSON records are checked field by field when
+present (a malformed one is refused naming the file and the field) and None when absent (a search
+from before them: its panels are not drawn, and a note says so).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from lmd.io import read_json_object
 
 RESULTS_FILE = "results.parquet"
 JOURNAL_FILE = "optuna.journal"
+# lmd.experiments.finalists' file names, spelt out: the dashboard reads what the search wrote, whatever that module
+# (which imports scipy's statistics and the search's writers) becomes.
+FINALISTS_FILE = "finalists.json"
+PARETO_FILE = "pareto.json"
+IMPORTANCES_FILE = "importances.json"
+# Schema 4 (+ depth, decoder_depth, the sampled lr and encoder_gflops) is read whatever this checkout writes: the
+# dashboard must open a newer search's table while the writer's SCHEMA_VERSION is still 3.
+READS_SCHEMA = max(SCHEMA_VERSION, 4)
 SUMMARY_FILE = "summary.json"
 # lmd.experiments.pictures.PICTURES_FILE, spelt out: that module imports torch, which the dashboard must not need.
 PICTURES_FILE = "pictures.parquet"
@@ -35,11 +46,14 @@ PICTURES_FILE = "pictures.parquet"
 REQUIRED_COLUMNS = ID_COLUMNS + ["loss", "mask_ratio", "val_masked_mse_fixed", "val_psnr"]
 PICTURE_COLUMNS = ["variant", "trial_id", "seed", "kind", "index", "png"]
 TEXT_COLUMNS = ("trial_id", "variant", "scheduler", "projector", "preset")  # every other column is a number
-INTEGER_COLUMNS = ("seed", "step")
+INTEGER_COLUMNS = ("seed", "step", "depth", "decoder_depth")
 REFERENCE_NAMES = ("fill", "ceiling", "raw_probe", "random_probe")
 # args.json fields the page reads, and their JSON types.
 ARG_TYPES: dict[str, type | tuple[type, ...]] = {"name": str, "target_metric": str, "metric": str, "variants": list,
-                                                 "samples": int}
+                                                 "samples": int, "budget_by": str, "budget": (int, float),
+                                                 "objectives": bool}
+VERDICTS = ("better", "worse", "not separable")  # a finalist against the paper's configuration
+NUMBER = (int, float)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,6 +76,9 @@ class Experiment:
     notes: list[str] = field(default_factory=list)  # what this page cannot show, and why
     references: list[dict[str, Any]] = field(default_factory=list)  # references.json's records ([]: none)
     budget: dict[str, Any] | None = None  # summary.json's "budget" (ablations since results schema 3)
+    finalists: dict[str, Any] | None = None  # finalists.json (searches with a finalist phase)
+    pareto: dict[str, Any] | None = None  # pareto.json (searches run with --objectives)
+    importances: dict[str, Any] | None = None  # importances.json (searches)
 
     @property
     def has_flops(self) -> bool:
@@ -95,9 +112,9 @@ def read_table(path: Path) -> tuple[pd.DataFrame, int]:
     if not path.is_file():
         raise ResultsError(f"{path}: no such results file (an experiment writes {RESULTS_FILE} when it ends)")
     schema = _schema_version(path)
-    if schema > SCHEMA_VERSION:
+    if schema > READS_SCHEMA:
         raise ResultsError(f"{path}: written by results schema {schema}, newer than this lmd-ray reads "
-                           f"({SCHEMA_VERSION}); upgrade lmd-ray")
+                           f"({READS_SCHEMA}); upgrade lmd-ray")
     table = _read_parquet(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
@@ -184,13 +201,125 @@ def read_args(path: Path) -> dict[str, Any]:
         return {}
     args = read_json_object(path, "the experiment's flags", ResultsError)
     for key, kind in ARG_TYPES.items():
-        if key in args and (not isinstance(args[key], kind) or isinstance(args[key], bool)):
-            raise ResultsError(f"{path}: {key}={args[key]!r}: expected a JSON {_json_type(kind)}")
+        if key in args:
+            _check(path, key, args[key], kind)
     return args
 
 
 def _json_type(kind: type | tuple[type, ...]) -> str:
-    return {str: "string", list: "list", int: "integer"}.get(kind, str(kind))  # type: ignore[call-overload]
+    return {str: "string", list: "list", int: "integer", bool: "boolean", dict: "object",
+            NUMBER: "number"}.get(kind, str(kind))  # type: ignore[call-overload]
+
+
+def _check(path: Path, name: str, value: Any, kind: type | tuple[type, ...], nullable: bool = False) -> Any:
+    """`value` when it has the JSON type `kind` (JSON's true/false is no number), else ResultsError naming the file
+    and the field (`name`, its path in the file: finalists[1].val_psnr.ci95)."""
+    if value is None and nullable:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        null = " or null" if nullable else ""
+        raise ResultsError(f"{path}: {name}={value!r}: expected a JSON {_json_type(kind)}{null}")
+    return value
+
+
+def _fields(path: Path, record: Any, where: str, spec: dict[str, tuple[Any, bool, bool]]) -> dict[str, Any]:
+    """`record` (an object) with each key of `spec` (key: JSON type, null allowed, required) checked; a missing
+    required key is named like a mistyped one."""
+    _check(path, where or "the file", record, dict)
+    for key, (kind, nullable, required) in spec.items():
+        name = f"{where}.{key}" if where else key
+        if key in record:
+            _check(path, name, record[key], kind, nullable)
+        elif required:
+            raise ResultsError(f"{path}: {name} missing")
+    return record
+
+
+def _one_of(path: Path, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ResultsError(f"{path}: {name}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _each(path: Path, where: str, values: Any, kind: Any, nullable: bool = False) -> None:
+    """Every item of a list, or every value of an object, of the JSON type `kind`."""
+    for key, value in (values.items() if isinstance(values, dict) else enumerate(values or [])):
+        _check(path, f"{where}.{key}" if isinstance(values, dict) else f"{where}[{key}]", value, kind, nullable)
+
+
+REQ, OPT = (False, True), (False, False)  # (null allowed, required): a required value / an optional one
+FINALISTS_FIELDS = {"metric": (str, *REQ), "heldout": (str, *OPT), "answer": (str, *REQ), "seeds": (list, *REQ),
+                    "budget": (dict, True, False), "paper": (str, *REQ), "finalists": (list, *REQ)}
+FINALIST_FIELDS = {"name": (str, *REQ), "rank": (int, True, True), "params": (dict, *REQ), "n": (int, *REQ),
+                   "search_value": (NUMBER, True, False), "encoder_gflops": (NUMBER, True, False),
+                   "train_tflops": (NUMBER, True, False), "trial_ids": (list, *OPT),
+                   "references": (dict, True, False), "beats": (dict, True, False), "vs_paper": (dict, True, True)}
+SEED_FIELDS = {"mean": (NUMBER, True, True), "ci95": (NUMBER, True, True), "values": (list, *OPT)}
+VERSUS_FIELDS = {"metric": (str, *OPT), "diff": (NUMBER, True, True), "lo": (NUMBER, True, True),
+                 "hi": (NUMBER, True, True), "verdict": (str, *REQ)}
+
+
+def read_finalists(path: Path) -> dict[str, Any] | None:
+    """finalists.json (None when absent): each configuration's seeds on the held-out split, its references and its
+    verdict against the paper's configuration, and the answer in one sentence."""
+    if not path.is_file():
+        return None
+    record = _fields(path, read_json_object(path, "the search's finalists", ResultsError), "", FINALISTS_FIELDS)
+    metric = record["metric"]
+    _each(path, "seeds", record["seeds"], int)
+    if record.get("budget"):
+        _fields(path, record["budget"], "budget", {"budget_by": (str, *REQ), "budget": (NUMBER, *REQ),
+                                                   "unit": (str, *OPT)})
+    if not record["finalists"]:
+        raise ResultsError(f"{path}: finalists is empty (expected the finalists and the paper's configuration)")
+    for i, row in enumerate(record["finalists"]):
+        where = f"finalists[{i}]"
+        _fields(path, row, where, {**FINALIST_FIELDS, metric: (dict, *REQ)})
+        for key in {metric, "val_psnr", "val_probe_acc"} & set(row):
+            if row[key] is not None or key == metric:
+                _fields(path, row[key], f"{where}.{key}", SEED_FIELDS)
+                _each(path, f"{where}.{key}.values", row[key].get("values"), NUMBER)
+        _each(path, f"{where}.references", row.get("references") or {}, NUMBER, nullable=True)
+        _each(path, f"{where}.beats", row.get("beats") or {}, str)
+        if row["vs_paper"] is not None:
+            _fields(path, row["vs_paper"], f"{where}.vs_paper", VERSUS_FIELDS)
+            _one_of(path, f"{where}.vs_paper.verdict", row["vs_paper"]["verdict"], VERDICTS)
+    if record["paper"] not in [row["name"] for row in record["finalists"]]:
+        raise ResultsError(f"{path}: paper={record['paper']!r}: no configuration in finalists has that name")
+    return record
+
+
+def read_pareto(path: Path) -> dict[str, Any] | None:
+    """pareto.json (None when absent: a search without --objectives): the non-dominated finished trials and the
+    others, on two objectives."""
+    if not path.is_file():
+        return None
+    record = _fields(path, read_json_object(path, "the search's Pareto front", ResultsError), "",
+                     {"objectives": (list, *REQ), "front": (list, *REQ), "others": (list, *REQ)})
+    if len(record["objectives"]) != 2:
+        raise ResultsError(f"{path}: objectives holds {len(record['objectives'])} entries, expected two")
+    for i, objective in enumerate(record["objectives"]):
+        _fields(path, objective, f"objectives[{i}]", {"name": (str, *REQ), "mode": (str, *REQ)})
+        _one_of(path, f"objectives[{i}].mode", objective["mode"], ("max", "min"))
+    point = {"trial_id": (str, *REQ), "params": (dict, *OPT)} | {o["name"]: (NUMBER, *REQ)
+                                                                 for o in record["objectives"]}
+    for part in ("front", "others"):
+        for i, p in enumerate(record[part]):
+            _fields(path, p, f"{part}[{i}]", point)
+    return record
+
+
+def read_importances(path: Path) -> dict[str, Any] | None:
+    """importances.json (None when absent): per parameter Optuna's importance and its effect in the objective's
+    units, and the finalists' seed spread to read the effects against."""
+    if not path.is_file():
+        return None
+    record = _fields(path, read_json_object(path, "the search's parameter importances", ResultsError), "",
+                     {"evaluator": (str, *REQ), "objective": (str, *REQ), "trials": (int, *OPT),
+                      "seed_spread": (NUMBER, True, False), "importances": (dict, *REQ)})
+    for name, value in record["importances"].items():
+        _fields(path, value, f"importances.{name}", {"importance": (NUMBER, True, True),
+                                                     "effect": (NUMBER, True, True)})
+    return record
 
 
 def read_references(path: Path) -> list[dict[str, Any]]:
@@ -285,11 +414,37 @@ def load_experiment(path: str | Path) -> Experiment:
                          "no-model fill, projector ceiling and probe references are not drawn, and no variant is "
                          "judged against them.")
         budget = read_budget(root / SUMMARY_FILE)
+    answer: dict[str, Any] = {}
+    if kind == "search":
+        answer = {"finalists": read_finalists(root / FINALISTS_FILE), "pareto": read_pareto(root / PARETO_FILE),
+                  "importances": read_importances(root / IMPORTANCES_FILE)}
+        notes += search_notes(table, answer, args)
     pictures = read_pictures(root / PICTURES_FILE)
     if pictures is None:
         notes.append(f"no {PICTURES_FILE} next to the results: reconstructions are not shown.")
     return Experiment(name=root.name, root=root, table=table, schema=schema, args=args, pictures=pictures,
-                      study=study, kind=kind, notes=notes, references=references, budget=budget)
+                      study=study, kind=kind, notes=notes, references=references, budget=budget, **answer)
+
+
+def search_notes(table: pd.DataFrame, answer: dict[str, Any], args: dict[str, Any]) -> list[str]:
+    """What a search from before the finalist phase (or without --objectives) cannot show."""
+    notes = []
+    if answer["finalists"] is None:
+        notes.append(f"no {FINALISTS_FILE} next to the results (a search from before the finalist phase, or one "
+                     "run without finalists): the answer, the finalists' seed intervals and their verdicts against "
+                     "the paper's configuration are not shown.")
+    if answer["pareto"] is None:
+        why = "the search ran with --objectives, but it is missing" if args.get("objectives") else \
+            "a search run without --objectives"
+        notes.append(f"no {PARETO_FILE} ({why}): the Pareto front of the objective against encoder GFLOP per "
+                     "image is not drawn.")
+    if answer["importances"] is None:
+        notes.append(f"no {IMPORTANCES_FILE} next to the results: parameter effects are not drawn beside the "
+                     "seed noise (the importances shown, if any, are fANOVA's on the journal).")
+    if "depth" not in table or not table["depth"].notna().any():
+        notes.append("the results table has no depth, decoder_depth, sampled lr or encoder_gflops columns (results "
+                     "schema 4): the parallel coordinates show the mask schedule only.")
+    return notes
 
 
 def experiment_kind(table: pd.DataFrame, args: dict[str, Any], study: Any) -> str:

@@ -170,7 +170,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True, *, rank: int = 0, worl
     root, projector = resolve_store(cfg, progress, verify_checksums=verify_checksums)
     manifest = read_manifest(root / "train")
     count = manifest["count"]
-    val = read_store(root / "val", validate=False)  # resolve_store validated it
+    val = read_store(root / "val", validate=False)[heldout_slice(read_manifest(root / "val")["count"], d.heldout)]
     loader = resolve_loader(d.loader, manifest, d.memory_limit_mb)
     if loader == "ray":
         from lmd.data.stream import RayLatentStream
@@ -184,16 +184,25 @@ def prepare_data(cfg: TrainConfig, progress: bool = True, *, rank: int = 0, worl
         train = InMemoryLatents(read_store(root / "train", validate=False), d.batch_size, seed=cfg.run.seed,
                                 rank=rank, world_size=world_size)
     log.info("latents: %s (%d train items, %d val) via %s", root, count, val.shape[0], loader)
-    return RunData(train, val, projector, root, val_images(root, min(PSNR_IMAGES, val.shape[0])),
-                   probe_set(root, d.num_probe, train=getattr(train, "latents", None), val=val))
+    start = heldout_slice(read_manifest(root / "val")["count"], d.heldout).start
+    return RunData(train, val, projector, root, val_images(root, min(PSNR_IMAGES, val.shape[0]), start=start),
+                   probe_set(root, d.num_probe, train=getattr(train, "latents", None), val=val, heldout=d.heldout))
+
+
+def heldout_slice(count: int, part: str) -> slice:
+    """The held-out items of `part` (config.HELDOUT_PARTS) among a val store's `count`: all, or the first or the
+    second half (the half a search selects on, and the one its finalists are scored on)."""
+    half = count // 2
+    return {"all": slice(0, count), "select": slice(0, half), "confirm": slice(half, count)}[part]
 
 
 def probe_set(root: Location, num_probe: int, train: torch.Tensor | None = None,
-              val: torch.Tensor | None = None) -> ProbeSet | None:
-    """The first `num_probe` training items and every held-out item of a labelled store, with labels.
+              val: torch.Tensor | None = None, heldout: str = "all") -> ProbeSet | None:
+    """The first `num_probe` training items and the `heldout` part of the held-out items of a labelled store,
+    with labels.
 
     None when the store is unlabelled or the probe is off (`num_probe=0`). `train` / `val` reuse
-    latents already in memory instead of reading them again.
+    latents already in memory instead of reading them again (`val`: already that part).
     """
     manifest = read_manifest(root / "train")
     classes = store_classes(manifest)
@@ -208,13 +217,14 @@ def probe_set(root: Location, num_probe: int, train: torch.Tensor | None = None,
     # A copy of the in-memory slice: a view would keep the whole host tensor alive once the engine has
     # moved the training latents to the GPU.
     train = train[:num].clone() if train is not None else read_store(root / "train", validate=False, limit=num)
-    val = val if val is not None else read_store(root / "val", validate=False)
+    part = heldout_slice(read_manifest(root / "val")["count"], heldout)
+    val = val if val is not None else read_store(root / "val", validate=False)[part]
     return ProbeSet(train=train[:num], train_labels=read_labels(root / "train")[:num], val=val,
-                    val_labels=read_labels(root / "val"), num_classes=len(classes))
+                    val_labels=read_labels(root / "val")[part], num_classes=len(classes))
 
 
-def val_images(root: Location, num: int) -> torch.Tensor | None:
-    """The first `num` held-out images the val store was made from (re-rendered deterministically)."""
+def val_images(root: Location, num: int, start: int = 0) -> torch.Tensor | None:
+    """`num` held-out images the val store was made from, from item `start` (re-rendered deterministically)."""
     source = read_manifest(root / "val")["source"]
     try:
         images = image_source(source["dataset"], "val", source["resolution"], source.get("num_items"),
@@ -230,4 +240,4 @@ def val_images(root: Location, num: int) -> torch.Tensor | None:
     if changed:
         raise StoreError(f"{root / 'val' / 'manifest.json'}: source: the held-out images are no longer those the "
                          f"store was made from ({'; '.join(changed)}); rebuild the store")
-    return images.images(0, num)
+    return images.images(start, start + num)

@@ -10,21 +10,20 @@ budget record, budget table and summary file.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmd.config import LATENT_FACTOR, PRESETS, ConfigError, TrainConfig
 from lmd.config_build import build_config
+from lmd.experiments.budget import Budget, with_steps
 from lmd.experiments.driver import ExperimentSpec, build_stores
 from lmd.experiments.results import REFERENCES_FILE, read_references
 from lmd.experiments.summary import TARGET_METRICS, verdicts
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec
-from lmd.flops import measure_flop_rate, run_flops, steps_for_flops
+from lmd.flops import run_flops
 from lmd.io import read_json_object, write_json_atomic
 
-BUDGET_UNITS = {"flops": "TFLOP", "time": "device seconds", "steps": "steps"}
 BUDGET_FILE = "budget.json"  # what each variant was given; a resumed experiment reuses its steps
 SUMMARY_FILE = "summary.json"
 
@@ -45,8 +44,8 @@ class AblationSpec:
 
     variants: dict[str, Variant]  # the variants run, by name (a subset of the script's table)
     seeds: int
-    budget_by: str  # a key of BUDGET_UNITS
-    budget: float  # per trial, in BUDGET_UNITS[budget_by]
+    budget_by: str  # a key of lmd.experiments.budget.BUDGET_UNITS
+    budget: float  # per trial, in that unit
     evals: int  # evaluations at equal fractions of each trial's FLOPs
     target_metric: str  # what time-to-target is measured on
     base: TrialBase
@@ -54,12 +53,7 @@ class AblationSpec:
     def validate(self) -> AblationSpec:
         if self.seeds < 1 or self.evals < 1:
             raise ConfigError(f"--seeds={self.seeds} / --evals={self.evals}: must be >= 1")
-        if self.budget_by not in BUDGET_UNITS:
-            raise ConfigError(f"--budget-by={self.budget_by!r}: choose one of {', '.join(BUDGET_UNITS)}")
-        if not self.budget > 0 or not math.isfinite(self.budget):
-            raise ConfigError(f"--budget={self.budget}: must be a positive number of {BUDGET_UNITS[self.budget_by]}")
-        if self.budget_by == "steps" and not float(self.budget).is_integer():
-            raise ConfigError(f"--budget={self.budget}: --budget-by steps needs a whole number of steps")
+        Budget(self.budget_by, self.budget).validate()
         if self.target_metric not in TARGET_METRICS:
             raise ConfigError(f"--target-metric={self.target_metric!r}: choose one of {', '.join(TARGET_METRICS)}")
         self.base.validate()
@@ -84,37 +78,14 @@ def variant_config(spec: AblationSpec, name: str, steps: int, seed: int, device:
         # A latent patch of p covers p * f image pixels; half that side gives 4x the tokens (MAE as published).
         scale = LATENT_FACTOR if variant.tokens == "equal" else LATENT_FACTOR // 2
         overrides["model.patch_size"] = PRESETS[spec.base.preset].patch_size * scale
-    # Evaluations (each checkpointed) at equal fractions of the trial's FLOPs, so every variant's curve is sampled at
-    # the same compute whatever its schedule; training rows are logged at the same count, spaced in steps.
-    every = max(1, math.ceil(steps / spec.evals))
-    overrides.update({"run.evals": min(spec.evals, steps), "run.log_every": every, "run.ckpt_every": steps})
-    return build_config(overrides=overrides)
+    return with_steps(build_config(overrides=overrides), steps, spec.evals)
 
 
 def budget_steps(spec: AblationSpec, placement: Placement) -> dict[str, int]:
     """Steps per variant that spend the same budget: FLOPs, device seconds (measured rate) or steps."""
-    out = {}
-    for name in spec.variants:
-        cfg = variant_config(spec, name, steps=1, seed=0, device=placement.device)
-        if spec.budget_by == "steps":
-            out[name] = int(spec.budget)
-        elif spec.budget_by == "flops":
-            out[name] = steps_for_flops(cfg, spec.budget * 1e12)
-        else:  # time: the FLOPs this variant computes in `budget` seconds, at its rate measured here
-            out[name] = steps_for_flops(cfg, spec.budget * _rate_as_a_trial(cfg, placement))
-    return out
-
-
-def _rate_as_a_trial(cfg: TrainConfig, placement: Placement) -> float:
-    """FLOP/s measured with the threads one trial worker gets (Ray gives a 1-CPU trial one thread)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(placement.cpus / placement.workers)))
-    try:
-        return measure_flop_rate(cfg, workers=placement.workers) * placement.workers
-    finally:
-        torch.set_num_threads(threads)
+    budget = Budget(spec.budget_by, spec.budget, workers=placement.workers, cpus=placement.cpus)
+    return {name: budget.steps_for(variant_config(spec, name, steps=1, seed=0, device=placement.device))
+            for name in spec.variants}
 
 
 def trial_specs(spec: AblationSpec, steps: dict[str, int], placement: Placement) -> list[TrialSpec]:
@@ -179,8 +150,7 @@ def budget_record(spec: AblationSpec, trials: list[TrialSpec]) -> dict[str, Any]
                                       "about": spec.variants[t.variant].about}
     projector, resolution = spec.base.latent_projector, spec.base.resolution
     encode = projector_encode_flops(load_projector(projector), resolution) if resolution else float("nan")
-    return {"budget_by": spec.budget_by, "budget": spec.budget, "unit": BUDGET_UNITS[spec.budget_by],
-            "variants": per_variant,
+    return {**Budget(spec.budget_by, spec.budget).record(), "variants": per_variant,
             "projector_encode_gflop_per_image": {projector: encode / 1e9},
             "note": "training FLOPs count the transformer only; latents are encoded once before training "
                     "(projector_encode_gflop_per_image x the store's items, not per step)"}

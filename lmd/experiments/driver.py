@@ -245,16 +245,16 @@ def build_stores(configs: Iterable[TrainConfig], metric: str, metric_flag: str, 
                               f"{metric_flag} val_psnr")
 
 
-def fit(exp: ExperimentSpec, new_tuner: Callable[[Any], Any], flags: Mapping[str, Any],
-        records: Mapping[str, Any] | None = None) -> Any:
-    """Run the experiment and return Tune's ResultGrid.
+@contextmanager
+def experiment_session(exp: ExperimentSpec, flags: Mapping[str, Any],
+                       records: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Ray connected and the experiment's folder ready, for one or more Tuner runs (`run_tuner`).
 
-    Connects Ray, creates the experiment folder with args.json (`flags` and the layout) and
-    `records` (file name -> JSON payload), then restores the Tuner (--resume) or builds it with
-    `new_tuner(trainable)`, where trainable is `run_trial` with each trial's own resources.
+    Connects Ray, checks it holds one trial, takes the experiment's lock and only then creates the
+    experiment folder with args.json (`flags` and the layout) and `records` (file name -> JSON payload).
+    Ray is shut down when the block ends; the lock is held until this process exits.
     """
     import ray
-    from ray import tune
 
     try:
         check_free(exp.lock_path, f"experiment {exp.folder}")  # refused before Ray starts, if it can be
@@ -282,15 +282,32 @@ def fit(exp: ExperimentSpec, new_tuner: Callable[[Any], Any], flags: Mapping[str
     write_json_atomic(exp.folder / ARGS_FILE, {**flags, "layout": LAYOUT})
     for name, payload in (records or {}).items():
         write_json_atomic(exp.folder / name, payload)
-    trainable = tune.with_resources(run_trial, trial_resources)
     try:
-        if exp.resume:
-            tuner = tune.Tuner.restore(exp.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = new_tuner(trainable)
-        return tuner.fit()
+        yield
     finally:
         ray.shutdown()
+
+
+def run_tuner(storage_path: str, name: str, new_tuner: Callable[[Any], Any]) -> Any:
+    """Tune's ResultGrid of the Tuner run `<storage_path>/<name>`: restored when Tune saved its state there (finished
+    trials are not rerun, unfinished ones continue from their last checkpoint), else built by `new_tuner(trainable)`,
+    where trainable is `run_trial` with each trial's own resources. Needs `experiment_session`."""
+    from ray import tune
+
+    trainable = tune.with_resources(run_trial, trial_resources)
+    path = f"{storage_path}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = new_tuner(trainable)
+    return tuner.fit()
+
+
+def fit(exp: ExperimentSpec, new_tuner: Callable[[Any], Any], flags: Mapping[str, Any],
+        records: Mapping[str, Any] | None = None) -> Any:
+    """Run the experiment's one Tuner (`experiment_session`, then `run_tuner`) and return Tune's ResultGrid."""
+    with experiment_session(exp, flags, records):
+        return run_tuner(exp.storage_path, exp.name, new_tuner)
 
 
 def write_results(results: Any, exp: ExperimentSpec) -> pd.DataFrame:

@@ -85,32 +85,34 @@ def _record(reference: str, variant: str, values: Sequence[float]) -> dict[str, 
 
 def compute_references(configs: dict[str, TrainConfig], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """References for each variant (name -> its seed-0 config) over `seeds`. Builds nothing: stores must exist."""
-    from lmd.data.latents import PSNR_IMAGES, probe_set, resolve_store, val_images
-    from lmd.data.store import read_store
+    from lmd.data.latents import PSNR_IMAGES, heldout_slice, probe_set, resolve_store, val_images
+    from lmd.data.store import read_manifest, read_store
 
     cache: dict[Any, list[float]] = {}
     records = []
     for variant, cfg in configs.items():
         root, projector = resolve_store(cfg, progress=False, verify_checksums=False)  # hashed by the driver
-        val = read_store(root / "val", validate=False)
-        images = val_images(root, min(PSNR_IMAGES, val.shape[0]))
+        part = heldout_slice(read_manifest(root / "val")["count"], cfg.data.heldout)  # the items the trials score
+        val = read_store(root / "val", validate=False)[part]
+        images = val_images(root, min(PSNR_IMAGES, val.shape[0]), start=part.start)
+        where = (str(root), cfg.data.heldout)
         if images is not None:
-            key = ("fill", patch_pixels(cfg), cfg.data.resolution, str(root), cfg.mask.eval_ratio)
+            key = ("fill", patch_pixels(cfg), cfg.data.resolution, where, cfg.mask.eval_ratio)
             if key not in cache:
                 cache[key] = [fill_psnr(images, patch_pixels(cfg), cfg.mask.eval_ratio)]
             records.append(_record("fill", variant, cache[key]))
-            key = ("ceiling", str(root))
+            key = ("ceiling", where)
             if key not in cache:
                 cache[key] = [projector_ceiling_psnr(projector, val[:images.shape[0]], images)]
             records.append(_record("ceiling", variant, cache[key]))
-        probe = probe_set(root, cfg.data.num_probe, val=val)
+        probe = probe_set(root, cfg.data.num_probe, val=val, heldout=cfg.data.heldout)
         if probe is None:
             continue
-        key = ("raw_probe", str(root), cfg.data.num_probe)
+        key = ("raw_probe", where, cfg.data.num_probe)
         if key not in cache:
             cache[key] = [raw_probe(probe).accuracy]
         records.append(_record("raw_probe", variant, cache[key]))
-        key = ("random_probe", str(root), cfg.data.num_probe, json.dumps(cfg.to_dict()["model"], sort_keys=True))
+        key = ("random_probe", where, cfg.data.num_probe, json.dumps(cfg.to_dict()["model"], sort_keys=True))
         if key not in cache:
             accuracies = []
             for seed in seeds:

@@ -19,7 +19,9 @@ from lmd.io import atomic_path
 RESULTS_FILE = "results.parquet"  # the experiment's tidy table (this module)
 ARGS_FILE = "args.json"  # the flags the experiment was started with (lmd.experiments.driver)
 REFERENCES_FILE = "references.json"  # the experiment's reference records (lmd.experiments.references)
-SCHEMA_VERSION = 3  # 2: + workers and the trial's config columns; 3: + train_flops, val_probe_acc, patch_size, tokens
+# 2: + workers and the trial's config columns; 3: + train_flops, val_probe_acc, patch_size, tokens;
+# 4: + depth, decoder_depth, peak_lr (what a search samples; `lr` is the step's scheduled rate) and encoder_gflops (its second objective)
+SCHEMA_VERSION = 4
 SCHEMA_KEY = b"lmd_results_schema"  # Parquet schema metadata: which version wrote the file
 ID_COLUMNS = ["trial_id", "variant", "seed", "step", "samples_seen", "wall_seconds", "device_seconds"]
 METRIC_COLUMNS = ["loss", "mask_ratio", "lr", "val_masked_mse", "val_masked_mse_fixed", "val_psnr"]
@@ -29,7 +31,7 @@ COMPUTE_COLUMNS = ["train_flops", "val_probe_acc"]
 # and what the trial trained.
 PLACEMENT_COLUMNS = ["workers", "num_nodes"]
 CONFIG_COLUMNS = ["scheduler", "mask_start", "mask_end", "mask_ramp", "projector", "preset", "total_steps",
-                  "patch_size", "tokens"]
+                  "patch_size", "tokens", "depth", "decoder_depth", "peak_lr", "encoder_gflops"]
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + COMPUTE_COLUMNS + PLACEMENT_COLUMNS + CONFIG_COLUMNS
 
 

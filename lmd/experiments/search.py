@@ -1,10 +1,12 @@
-"""The search below tune/search.py: its checks, the fixed part of every sampled trial, the best trial's line
-and each scheduler's best trial next to its references.
+"""The search below tune/search.py: its checks, the fixed part of every sampled trial, early stopping that is fair
+to curricula, the Optuna searcher that resumes, the finalist phase and each scheduler's best trial next to its
+references.
 
-tune/search.py holds the flags, the Optuna define-by-run space and the Tuner (OptunaSearch with
-TPE, ASHA). The Optuna study lives in a journal file next to the Tune results (JOURNAL_FILE), so
-`optuna-dashboard <storage>/<name>/optuna.journal` opens it and a resumed search keeps one study,
-with one Optuna trial per Tune trial (ResumableOptunaSearch).
+tune/search.py holds the flags, the Optuna define-by-run space and the Tuners (OptunaSearch with
+TPE or NSGA-II, `ScheduleFairASHA`). The Optuna study lives in a journal file next to the Tune
+results (JOURNAL_FILE), so `optuna-dashboard <storage>/<name>/optuna.journal` opens it and a resumed
+search keeps one study, with one Optuna trial per Tune trial (ResumableOptunaSearch). What the
+finalist phase computes from the tables is lmd.experiments.finalists.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from lmd.config import ConfigError
+from lmd.config import ConfigError, TrainConfig
 from lmd.config_build import build_config
+from lmd.experiments.budget import Budget, with_steps
 from lmd.experiments.driver import ExperimentSpec, build_stores
+from lmd.experiments.finalists import PAPER, Finalist, finalist_seeds
 from lmd.experiments.pictures import representative_trials
 from lmd.experiments.results import final_rows, reference_columns, stopped_short, trial_id_of
 from lmd.experiments.summary import beats
@@ -39,8 +45,9 @@ RANGE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "--lr-range": (0.0, 1.0, True)}
 
 
-def check_search(ranges: Mapping[str, Sequence[float]], samples: int, budget: int, exp: ExperimentSpec) -> None:
-    """The search's own flags (ranges by flag name, samples, budget) and storage; ConfigError names the flag."""
+def check_search(ranges: Mapping[str, Sequence[float]], samples: int, finalists: int, seeds: int, grace: float,
+                 exp: ExperimentSpec) -> None:
+    """The search's own flags (ranges by flag name, counts, the first rung) and storage; ConfigError names the flag."""
     for flag, (low, high) in ranges.items():
         lowest, highest, positive = RANGE_BOUNDS[flag]
         if not low < high:
@@ -50,37 +57,139 @@ def check_search(ranges: Mapping[str, Sequence[float]], samples: int, budget: in
     low, high = ranges["--end-range"]
     if high >= 1.0:
         raise ConfigError(f"--end-range {low} {high}: mask ratios must stay below 1")
-    if samples < 1 or budget < 1:
-        raise ConfigError(f"--samples={samples} / --budget={budget}: must be >= 1")
+    if samples < 1:
+        raise ConfigError(f"--samples={samples}: must be >= 1")
+    if finalists < 0 or (finalists > 0 and seeds < 2):
+        raise ConfigError(f"--finalists={finalists} / --seeds={seeds}: finalists must be >= 0, and re-run with >= 2 "
+                          "seeds (an interval needs two)")
+    if not 0.0 < grace <= 1.0:
+        raise ConfigError(f"--grace={grace}: the first rung is a fraction of the budget in (0, 1]")
     if "://" in exp.storage:
         raise ConfigError(f"--storage {exp.storage}: the search keeps its Optuna journal beside the results, so it "
                           "needs a filesystem path (on a cluster: a mount every node sees)")
 
 
-def search_base(base: TrialBase, placement: Placement, steps: int, eval_every: int, metric: str) -> dict[str, Any]:
-    """The fixed part of every sampled trial's TrainConfig, as dotted overrides; its store is built here, once."""
-    overrides = {**base.overrides(placement.device), "run.steps": steps, "run.seed": 0, "run.eval_every": eval_every,
-                 "run.log_every": eval_every, "run.ckpt_every": eval_every}
+def search_base(base: TrialBase, placement: Placement, metric: str) -> dict[str, Any]:
+    """The fixed part of every sampled trial's TrainConfig, as dotted overrides; its store is built here, once.
+    Search trials are scored on the half of the held-out items the search selects on ("select")."""
+    overrides = {**base.overrides(placement.device), "run.steps": 1, "run.seed": 0, "data.heldout": "select"}
     build_stores([build_config(overrides=overrides)], metric, "--metric", placement.workers)
     return overrides
 
 
-def best_trial(results: Any, metric: str, mode: str) -> str:
-    """One line: the best trial's final `metric` and the values Optuna sampled for it, among the trials that
-    trained to the end of the budget (an ASHA-stopped trial's last value is at a smaller budget)."""
-    finished = [r for r in results if r.metrics and r.metrics.get(metric) is not None and not stopped_short(r.metrics)]
-    if finished:
-        best = (max if mode == "max" else min)(finished, key=lambda r: r.metrics[metric])
-        stopped = ""
-    else:
-        try:
-            best = results.get_best_result(metric=metric, mode=mode, scope="last")
-        except RuntimeError:
-            return f"best: no trial reported {metric}"
-        stopped = f" (stopped early at step {best.metrics.get('step')}: no trial finished)" if best.metrics else ""
-    value = best.metrics.get(metric) if best.metrics else None
-    sampled = {k: v for k, v in best.config.items() if k != "trial"}  # "trial": the TrialSpec built from them
-    return f"best {metric}={value if value is not None else math.nan:.3f}{stopped} with {sampled}"
+def budgeted(cfg: TrainConfig, budget: Budget, evals: int) -> TrainConfig:
+    """`cfg` with the steps that spend `budget` (its own FLOPs per step and schedule) and `evals` evaluations at
+    equal fractions of its training FLOPs. Every row it reports is an evaluation: Tune checks that each result
+    carries the objective the searcher and early stopping read."""
+    cfg = with_steps(cfg, budget.steps_for(cfg), evals)
+    return replace(cfg, run=replace(cfg.run, log_every=cfg.run.steps))
+
+
+def paper_config(fixed: dict[str, Any], budget: Budget, evals: int) -> TrainConfig:
+    """The paper's configuration on the search's data and budget: the official cosine 0.15 -> 0.75 over 2/3 of
+    training (the MaskConfig defaults), the preset's depths and the default learning rate."""
+    return budgeted(build_config(overrides={**fixed, "mask.scheduler": "cosine"}), budget, evals)
+
+
+def finalist_trials(finalists: Sequence[Finalist], configs: Mapping[str, TrainConfig], seeds: int,
+                    placement: Placement) -> list[TrialSpec]:
+    """Each finalist's configuration (name -> its search trial's TrainConfig, or the paper's) re-run with fresh
+    seeds and scored on the held-out half the search did not select on ("confirm")."""
+    trials = []
+    for f in finalists:
+        cfg = configs[f.name]
+        for seed in finalist_seeds(seeds):
+            run = replace(cfg, run=replace(cfg.run, seed=seed), data=replace(cfg.data, heldout="confirm"))
+            trials.append(TrialSpec(f.name, run.validate(), placement))
+    return trials
+
+
+def source_configs(results: Any, finalists: Sequence[Finalist]) -> dict[str, TrainConfig]:
+    """finalist name -> the TrainConfig of the search trial it re-runs (from that trial's TrialSpec)."""
+    by_trial = {trial_id_of(r): r.config["trial"] for r in results if r.path and "trial" in (r.config or {})}
+    out = {}
+    for f in finalists:
+        if f.source_trial not in by_trial:
+            raise ConfigError(f"finalist {f.name}: its search trial {f.source_trial} has no config in the results")
+        out[f.name] = TrialSpec.from_dict(by_trial[f.source_trial]).cfg
+    return out
+
+
+SPENT = "budget_spent"  # the rungs' clock: the fraction of its own training FLOPs a trial has spent
+PLANNED = "planned_flops"  # a trial's planned training FLOPs (trial_tags): SPENT's denominator
+
+
+class ScheduleFairASHA(FIFOScheduler):
+    """ASHA (asynchronous successive halving) fair to mask-ratio curricula.
+
+    - Rungs are in training FLOPs: the clock is the fraction of its planned FLOPs a trial has spent
+      (equal FLOPs across trials under --budget-by flops; depth and schedule change the FLOPs of a step,
+      so a clock in steps would compare a deep trial at 3x the compute of a shallow one).
+    - A trial is compared only with trials of its own scheduler type, and only once its ramp has ended
+      (its mask ratio has reached its final one): evaluated at the final ratio, a curriculum still
+      mid-ramp looks worse than it will be, and would be stopped for being mid-ramp.
+    - Rungs at `grace`, `grace * rf`, ... of the budget; at each, a trial below the rung's top 1/rf stops.
+    Each scheduler type gets its own ASHA bracket (Ray's, unchanged), fed the SPENT clock.
+    """
+
+    def __init__(self, metric: str, mode: str, grace: float, reduction_factor: float = 2.0) -> None:
+        super().__init__()
+        self._metric, self._mode = metric, mode
+        self._grace, self._rf = grace, reduction_factor
+        self._groups: dict[str, ASHAScheduler] = {}
+        self._group_of: dict[str, str] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # metric and mode are given at construction
+
+    def _asha(self, group: str) -> ASHAScheduler:
+        if group not in self._groups:
+            self._groups[group] = ASHAScheduler(time_attr=SPENT, metric=self._metric, mode=self._mode, max_t=1.0,
+                                                grace_period=self._grace, reduction_factor=self._rf)
+        return self._groups[group]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        group = str(trial.config.get("trial", {}).get("variant", ""))
+        self._group_of[trial.trial_id] = group
+        self._asha(group).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        clocked = with_clock(result)
+        if clocked is None or trial.trial_id not in self._group_of:
+            return TrialScheduler.CONTINUE
+        return self._asha(self._group_of[trial.trial_id]).on_trial_result(tune_controller, trial, clocked)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        group = self._group_of.pop(trial.trial_id, None)
+        if group is None:
+            return
+        asha = self._asha(group)
+        clocked = with_clock(result)
+        if clocked is not None:
+            asha.on_trial_complete(tune_controller, trial, clocked)
+        else:
+            asha._trial_info.pop(trial.trial_id, None)  # what ASHA's own on_trial_remove does
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        group = self._group_of.pop(trial.trial_id, None)
+        if group is not None:
+            self._asha(group)._trial_info.pop(trial.trial_id, None)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self.on_trial_remove(tune_controller, trial)
+
+
+def with_clock(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`result` with the rungs' clock (SPENT) when it may be judged at a rung: an evaluation of a trial whose ramp
+    has ended. None otherwise (a training row, or a curriculum still below its final ratio)."""
+    needed = ("train_flops", PLANNED, "mask_ratio", "mask_end")
+    if any(result.get(k) is None for k in needed):
+        return None
+    if result["mask_ratio"] < result["mask_end"] - 1e-6:
+        return None  # mid-ramp: not judged yet
+    # A hair over: an evaluation at k/E of the FLOPs is placed within float rounding of it, and ASHA compares a rung
+    # only once the clock reaches it (a rung missed by 1e-12 would be judged at the next evaluation instead).
+    return {**result, SPENT: result["train_flops"] / result[PLANNED] * (1 + 1e-9)}
 
 
 TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute: which Tune trial an Optuna trial was asked for
@@ -100,6 +209,12 @@ class ResumableOptunaSearch(OptunaSearch):
     """
 
     _orphans: tuple[int, ...] = ()  # Optuna trial ids asked before the restore, known to no Tune trial
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Optuna is told only evaluations (training rows carry no objective; OptunaSearch would raise KeyError)."""
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if all(result.get(m) is not None for m in metrics):
+            super().on_trial_result(trial_id, result)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)

@@ -182,11 +182,16 @@ def trial_tags(spec: TrialSpec) -> dict[str, Any]:
     """Columns added to every reported row: what the trial is, so results read without its config, and what one
     of its wall seconds costs in device seconds (its GPUs, else its CPUs: the resources `trial_resources` gives
     it from its own spec, which a resumed experiment keeps whatever its flags say now)."""
+    from lmd.flops import run_flops
+    from lmd.model import encoder_flops_per_sample
+
     cfg, m, where = spec.cfg, spec.cfg.mask, spec.placement
     return {"variant": spec.variant, "seed": spec.seed, "scheduler": m.scheduler, "mask_start": m.start,
             "mask_end": m.end, "mask_ramp": m.ramp, "projector": cfg.data.projector, "preset": cfg.model.preset,
             "total_steps": cfg.run.steps, "patch_size": cfg.model.patch_size, "tokens": cfg.model.num_patches,
-            "devices": float(where.gpus or where.cpus)}
+            "depth": cfg.model.depth, "decoder_depth": cfg.model.decoder_depth, "peak_lr": cfg.optim.lr,
+            "encoder_gflops": encoder_flops_per_sample(cfg.model) / 1e9, "devices": float(where.gpus or where.cpus),
+            "planned_flops": run_flops(cfg)}  # the early-stopping rungs' denominator (lmd.experiments.search)
 
 
 def run_trial(config: dict[str, Any]) -> None:
