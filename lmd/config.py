@@ -209,7 +209,8 @@ class DataConfig:
         _require(self.num_train >= self.batch_size, "data.num_train", self.num_train,
                  f"must be >= data.batch_size={self.batch_size}")
         _require(self.num_val > 0, "data.num_val", self.num_val, "must be > 0")
-        _require(self.heldout in HELDOUT_PARTS, "data.heldout", self.heldout, f"choose one of {', '.join(HELDOUT_PARTS)}")
+        _require(self.heldout in HELDOUT_PARTS, "data.heldout", self.heldout,
+                 f"choose one of {', '.join(HELDOUT_PARTS)}")
         _require(self.heldout == "all" or self.num_val >= 2, "data.heldout", self.heldout,
                  f"needs data.num_val >= 2 to split the held-out items in halves (num_val={self.num_val})")
         _require(self.num_probe == 0 or self.num_probe >= 10, "data.num_probe", self.num_probe,

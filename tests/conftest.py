@@ -35,7 +35,7 @@ def _single_thread_determinism():
 # pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml): each test file runs whole on one worker, so its
 # module fixtures (a Ray session, a store) are built once; the two files that share the session's real
 # ablation and search runs run together.
-SHARED_GROUPS = {"test_experiments": "tune", "test_dashboard": "tune"}
+SHARED_GROUPS = {"test_experiments": "tune", "test_dashboard": "tune", "test_search": "tune"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marker into each test's group
@@ -80,6 +80,19 @@ def tiny_config(**overrides) -> TrainConfig:
     return build_config(overrides=base, preset="tiny")
 
 
+def tune_script(name: str) -> Any:
+    """tune/<name>.py as a module (its flags, table or space, typed experiment), without running it."""
+    import importlib.util
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(f"tune_{name}", repo / "tune" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an imported module is (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_tune_script(script: str, *args: str, timeout: float = 600):
     """Run tune/<script> as a user would (a fresh process with its own Ray)."""
     import subprocess
@@ -110,9 +123,9 @@ def ablation_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def search_run(tmp_path_factory):
-    """One real small search with the conditional (constant) schedule allowed."""
+    """One real small search with the conditional (constant) schedule allowed, two objectives and a finalist."""
     storage = tmp_path_factory.mktemp("search-storage")
-    proc = run_tune_script("search.py", "--samples", "4", "--include-constant", *SMALL_SEARCH,
+    proc = run_tune_script("search.py", "--samples", "4", "--include-constant", "--objectives", *SMALL_SEARCH,
                            "--storage", str(storage))
     return proc, storage / "search"
 

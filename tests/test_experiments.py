@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import optuna
 import pandas as pd
@@ -19,7 +18,7 @@ import pytest
 
 from lmd.experiments.results import COLUMNS
 from lmd.experiments.summary import crossing, format_summary, log_interval, speedup, summarize, verdicts
-from tests.conftest import SMALL_RUN, SMALL_SEARCH, run_tune_script
+from tests.conftest import SMALL_RUN, SMALL_SEARCH, run_tune_script, tune_script
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = SMALL_RUN
@@ -27,15 +26,6 @@ SMALL = SMALL_RUN
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return run_tune_script(script, *args, timeout=timeout)
-
-
-def tune_script(name: str) -> ModuleType:
-    """tune/<name>.py as a module (its flags, table or space, typed experiment), without running it."""
-    spec = importlib.util.spec_from_file_location(f"tune_{name}", REPO / "tune" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as an imported module is (dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ablation_writes_a_tidy_table_and_a_summary(ablation_run):
@@ -273,7 +263,9 @@ def test_a_time_budget_buys_each_variant_steps_at_its_measured_rate(monkeypatch)
     # ...and each variant's steps are what its rate pays for in the budget's seconds, through its own FLOPs per
     # step. At one rate for both (two wall-clock rates on a shared machine would make the comparison below a coin
     # toss: tiny steps are overhead-bound), the same seconds buy more cheap 16-token steps than MAE's 64-token ones.
-    monkeypatch.setattr(ablation, "_rate_as_a_trial", lambda cfg, placement: 5e9)
+    from lmd.experiments.budget import Budget
+
+    monkeypatch.setattr(Budget, "flop_rate", lambda self, cfg: 5e9)
     steps = ablation.budget_steps(spec, exp.placement())
     for name, count in steps.items():
         assert count == steps_for_flops(ablation.variant_config(spec, name, steps=1, seed=0, device="cpu"), 2 * 5e9)
@@ -299,14 +291,15 @@ def test_a_trial_spec_is_one_shape_read_back_as_written():
 
 
 def test_the_search_space_samples_scalars_and_returns_their_trial_spec():
+    from lmd.experiments.budget import Budget
     from lmd.experiments.trial import Placement, TrialBase, TrialSpec
 
     script = tune_script("search")
     base = TrialBase(preset="tiny", dataset="synthetic", projector="", resolution=128, batch_size=8, num_train=64,
                      num_val=16, num_probe=0).overrides("cpu")
-    space = script.SearchSpace({**base, "run.steps": 20}, Placement(cpus=2.0), schedulers=("cosine", "constant"),
-                               end_range=(0.5, 0.9), depth_range=(1, 3), decoder_depth_range=(1, 2),
-                               lr_range=(1e-4, 1e-3))
+    space = script.SearchSpace({**base, "run.steps": 1}, Placement(cpus=2.0), Budget("steps", 20), evals=2,
+                               schedulers=("cosine", "constant"), end_range=(0.5, 0.9), depth_range=(1, 3),
+                               decoder_depth_range=(1, 2), lr_range=(1e-4, 1e-3))
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     seen = set()
     for _ in range(8):
@@ -317,7 +310,7 @@ def test_the_search_space_samples_scalars_and_returns_their_trial_spec():
         assert spec.variant == m.scheduler == p["scheduler"] and spec.placement == Placement(cpus=2.0)
         assert m.end == p["mask_end"] and spec.cfg.model.depth == p["depth"] and spec.cfg.optim.lr == p["lr"]
         assert ("mask_start" in p) == (p["scheduler"] != "constant")  # conditional: constant has no start
-        assert m.start <= m.end and spec.cfg.run.steps == 20
+        assert m.start <= m.end and spec.cfg.run.steps == 20 and spec.cfg.run.evals == 2
     assert seen == {"cosine", "constant"}
 
 
@@ -546,26 +539,6 @@ def test_a_trial_stopped_early_is_not_a_best_trial_unless_none_of_its_scheduler_
     assert report["uniform"].startswith("(c, stopped early at step 10 of 20: no trial of it finished): PSNR 13.00 dB")
 
 
-def test_the_searchs_best_line_names_a_finished_trial():
-    from types import SimpleNamespace
-
-    from lmd.experiments.search import best_trial
-
-    def result(value: float, step: int, lr: float) -> SimpleNamespace:
-        return SimpleNamespace(metrics={"val_probe_acc": value, "step": step, "total_steps": 200},
-                               config={"lr": lr, "trial": {}})
-
-    class Grid(list):  # what best_trial reads of a ResultGrid: its results, and Tune's own pick as the fallback
-        def get_best_result(self, metric, mode, scope):
-            return max(self, key=lambda r: r.metrics[metric])
-
-    stopped, finished = result(0.81, 100, 1e-3), result(0.79, 200, 2e-3)
-    assert best_trial(Grid([stopped, finished]), "val_probe_acc", "max") == (
-        "best val_probe_acc=0.790 with {'lr': 0.002}")
-    assert best_trial(Grid([stopped]), "val_probe_acc", "max") == (
-        "best val_probe_acc=0.810 (stopped early at step 100: no trial finished) with {'lr': 0.001}")
-
-
 def test_the_search_report_says_which_references_a_best_trial_beats_and_which_are_missing():
     from lmd.experiments.search import reference_report
 
@@ -602,8 +575,8 @@ def test_search_shows_each_schedulers_best_trial_next_to_its_references(search_r
     proc, experiment = search_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_parquet(experiment / "results.parquet")
-    final = table.dropna(subset=["val_probe_acc"]).sort_values("step").groupby("trial_id").tail(1)
-    best = {v: g.sort_values(["val_probe_acc", "trial_id"])["trial_id"].iloc[-1] for v, g in final.groupby("variant")}
+    final = table.dropna(subset=["val_psnr"]).sort_values("step").groupby("trial_id").tail(1)
+    best = {v: g.sort_values(["val_psnr", "trial_id"])["trial_id"].iloc[-1] for v, g in final.groupby("variant")}
 
     records = json.loads((experiment / "references.json").read_text())["references"]
     kinds = {(r["variant"], r["reference"]): r for r in records}
@@ -611,7 +584,7 @@ def test_search_shows_each_schedulers_best_trial_next_to_its_references(search_r
     assert all(kinds[(v, "random_probe")]["n"] == 3 for v in best)  # three random initialisations of its geometry
 
     lines = proc.stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("each scheduler's best trial by val_probe_acc"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("each scheduler's best trial by val_psnr"))
     report = dict(line.strip().split(" ", 1) for line in lines[start + 1:start + 1 + len(best)])
     assert set(report) == set(best)
     for variant, text in report.items():
@@ -674,9 +647,9 @@ def test_multi_worker_trial_survives_a_driver_kill_and_trains_like_the_engine(tm
 # are tested deterministically above, without a driver kill.
 @pytest.mark.extended
 def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
-    args = [sys.executable, str(REPO / "tune" / "search.py"), "--samples", "3", "--budget", "40", "--eval-every",
-            "10", "--num-train", "128", "--num-val", "16", "--num-probe", "64", "--batch-size", "16",
-            "--storage", str(tmp_path)]
+    args = [sys.executable, str(REPO / "tune" / "search.py"), "--samples", "3", "--budget-by", "steps", "--budget",
+            "40", "--evals", "4", "--finalists", "0", "--num-train", "128", "--num-val", "16", "--num-probe", "64",
+            "--batch-size", "16", "--storage", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -707,7 +680,7 @@ def test_killed_search_resumes_with_each_optuna_trial_once(tmp_path):
 
 
 def test_experiment_help_shows_defaults_its_text_does_not_already_give():
-    for script, shown in (("tune/search.py", ["trials (default: 12)", "TPE sampler seed (default: 0)"]),
+    for script, shown in (("tune/search.py", ["sampler seed (default: 0)", "fresh seeds per finalist (default: 3)"]),
                           ("tune/ablation.py", ["(time) or steps (steps) (default: 1.6)", "--seeds SEEDS default: 3",
                                                 "--preset PRESET default: mini_p1"])):
         proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)

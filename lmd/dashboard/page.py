@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from lmd.dashboard import figures, search_figures, spend
+from lmd.dashboard import figures, finalists, search_figures, spend
 from lmd.dashboard.load import Experiment, ResultsError, load_experiment
 from lmd.experiments.summary import TARGET_METRICS, no_target, summarize, verdicts
 from lmd.io import write_text_atomic
@@ -45,6 +45,10 @@ table.pictures { border-collapse: collapse; } table.pictures td, table.pictures 
   font-size: 0.85em; font-weight: normal; } table.pictures th.row { text-align: right; color: #444; }
 table.pictures img { width: 128px; height: 128px; image-rendering: pixelated; display: block; }
 ul.verdicts { margin: 0.4em 0 0; padding-left: 1.2em; } ul.verdicts li { margin: 0.15em 0; }
+.answer { font-size: 1.2em; background: #eef5ff; border-left: 5px solid #1f77b4; padding: 10px 14px; margin: 12px 0; }
+table.finalists { border-collapse: collapse; font-size: 0.88em; margin-top: 6px; }
+table.finalists th, table.finalists td { border-bottom: 1px solid #e4e4e4; padding: 4px 8px; text-align: left; }
+table.finalists th { background: #e8eef7; font-weight: 600; }
 """
 
 
@@ -200,34 +204,93 @@ def summary_panels(exp: Experiment, summary: pd.DataFrame) -> list[Panel]:
     ]
 
 
-def study_panels(exp: Experiment) -> list[Panel]:
-    """A search's Optuna study, on its own objective (args.json's metric)."""
+def study_panels(exp: Experiment, parallel: bool = True) -> list[Panel]:
+    """A search's Optuna study, on its own objective (args.json's metric). Its importances only when the search
+    wrote none of its own (importances.json), its parallel coordinates only when `parallel` (the table's cannot
+    be drawn): two panels that show the same thing twice would disagree in their details."""
     study = exp.study
     label = search_figures.objective_label(exp.args.get("metric", search_figures.LEGACY_METRIC))
-    return [
-        Panel("history", "Optimization history", f"Objective ({html.escape(label)}) of each completed trial and "
-              "the best so far.", search_figures.history_figure(study, label)),
-        Panel("importance", "Parameter importances",
-              "fANOVA importances; conditional parameters (no start/ramp for a constant schedule) are "
-              "estimated over the trials where they exist.", search_figures.importance_figure(study)),
-        Panel("parallel", "Parallel coordinates", "Every completed trial's parameters and objective.",
-              search_figures.parallel_figure(study, label)),
-        Panel("slice", "Final mask ratio × scheduler", f"Each trial's {html.escape(label)} against its final mask "
-              "ratio, one colour per scheduler.", search_figures.slice_figure(study, label)),
-    ]
+    panels = [Panel("history", "Optimization history", f"Objective ({html.escape(label)}) of each completed trial "
+                    "and the best so far.", search_figures.history_figure(study, label))]
+    if exp.importances is None:
+        panels.append(Panel("importance", "Parameter importances",
+                            "fANOVA importances; conditional parameters (no start/ramp for a constant schedule) are "
+                            "estimated over the trials where they exist.", search_figures.importance_figure(study)))
+    if parallel:
+        panels.append(Panel("parallel", "Parallel coordinates", "Every completed trial's parameters and objective "
+                            "(from the Optuna journal: the results table holds no sampled values).",
+                            search_figures.parallel_figure(study, label)))
+    panels.append(Panel("slice", "Final mask ratio × scheduler", f"Each trial's {html.escape(label)} against its "
+                        "final mask ratio, one colour per scheduler.", search_figures.slice_figure(study, label)))
+    return panels
+
+
+def answer_panels(exp: Experiment, metric: str) -> list[Panel]:
+    """The search's answer and the trials behind it, each drawn when its file or columns exist."""
+    label = search_figures.objective_label(metric)
+    panels = []
+    if exp.finalists is not None:
+        own = search_figures.objective_label(exp.finalists["metric"])
+        panels.append(Panel("finalists", "The answer: finalists against the paper's configuration",
+                            finalists.finalists_caption(exp.finalists, own),
+                            finalists.finalists_figure(exp.finalists, own),
+                            after=finalists.finalists_table_html(exp.finalists, own)))
+    if exp.has_flops and metric in exp.table and exp.table[metric].notna().any():
+        last = search_figures.last_rows(exp.table)
+        budget = exp.args.get("budget") if exp.args.get("budget_by") == "flops" else None
+        panels.append(Panel(
+            "objective-flops", f"{label} against training FLOPs, per trial",
+            html.escape("One line per trial, coloured by scheduler, on the clock of the search's early stopping: "
+                        "ASHA's rungs are in training FLOPs" + (" (dotted: each trial's budget). " if budget else ". ")
+                        + f"{int(last['stopped'].sum())} of {len(last)} trials were stopped early (dashed, an X at the "
+                        "evaluation they were stopped after, named in the legend); their last values are at a "
+                        "smaller budget, so the parallel coordinates, the Pareto front and the finalists leave "
+                        "them out."),
+            search_figures.objective_flops_figure(exp.table, metric, label, budget)))
+    if exp.importances is not None:
+        imp = exp.importances
+        panels.append(Panel(
+            "effects", "Parameter effects beside seed noise",
+            html.escape(f"Bars: each sampled parameter's effect on {imp['objective']} (the spread, max − min, of "
+                        "its mean across the parameter's levels, in the objective's units, over the trials that "
+                        f"finished); text: its {imp['evaluator']} importance. Dashed line: the seed noise (the "
+                        "median half-width of the finalists' 95% seed interval). A parameter whose effect is below "
+                        "the line (grey bar) moves the objective less than a change of seed does: the search cannot "
+                        "tell its levels apart." + ("" if imp.get("seed_spread") is not None else
+                                                    " The seed noise is unknown (no finalists with two seeds), so "
+                                                    "no line is drawn.")),
+            search_figures.effects_figure(imp, search_figures.objective_label(imp["objective"]))))
+    if exp.pareto is not None:
+        panels.append(Panel(
+            "pareto", "Pareto front: objective against encoder cost",
+            html.escape("Each finished trial's objective against its second objective (encoder inference GFLOP per "
+                        "image, all patches visible). Blue, joined: the Pareto front (no other trial is at least as "
+                        "good on both and better on one); grey, faded: the dominated trials."),
+            search_figures.pareto_figure(exp.pareto, metric, label)))
+    parallel = search_figures.sampled_parallel_figure(exp.table, metric, label)
+    if parallel is not None:
+        columns = search_figures.sampled_columns(exp.table)
+        panels.append(Panel("parallel", "Parallel coordinates of the sampled values",
+                            html.escape(f"One line per trial that finished its budget (from the results table), "
+                                        f"coloured by {label}: {', '.join(columns)} and the objective. Drag along "
+                                        "an axis to select a range."), parallel))
+    return panels
 
 
 def build_panels(exp: Experiment) -> list[Panel]:
     table = exp.table
     search = exp.kind == "search"
     summary = None
-    if not search:
+    answer: list[Panel] = []
+    if search:
+        answer = answer_panels(exp, exp.args.get("metric", search_figures.LEGACY_METRIC))
+    else:
         target_metric = exp.args.get("target_metric", "val_psnr")
         if target_metric not in TARGET_METRICS:
             raise ResultsError(f"{exp.root / 'args.json'}: target_metric {target_metric!r} is not one of "
                                f"{', '.join(TARGET_METRICS)}")
         summary = summarize(table, figures.BASELINE, target_metric, exp.references)
-    panels = curve_panels(exp, summary)
+    panels = answer + curve_panels(exp, summary)
     if summary is not None and not summary.empty:
         panels += summary_panels(exp, summary)
     panels.append(Panel("schedules", "Mask-ratio schedules",
@@ -235,7 +298,7 @@ def build_panels(exp: Experiment) -> list[Panel]:
                         "ratios recorded in the results (each report records its last step's ratio).",
                         spend.schedule_figure(table, per_trial=search)))
     if exp.study is not None and search_figures.completed_trials(exp.study):
-        panels += study_panels(exp)
+        panels += study_panels(exp, parallel=not any(p.key == "parallel" for p in answer))
     panels.append(Panel("cost", "Cost", "Device-hours: training wall-clock × devices (GPUs, or CPUs on a CPU run) "
                         "per trial, summed per variant.", spend.cost_figure(table)))
     if exp.pictures is not None and not exp.pictures.empty:
@@ -257,6 +320,8 @@ def render_html(exp: Experiment) -> str:
             f"<p class='meta'>{len(table)} result rows, {table['trial_id'].nunique()} trials, "
             f"{table['variant'].nunique()} {'schedulers' if exp.kind == 'search' else 'variants'} · results schema "
             f"{exp.schema} · {html.escape(str(exp.root))} · rendered {stamp}</p>"]
+    if exp.finalists is not None:  # the search's answer, before anything that qualifies it
+        body.append(f"<p class='answer' id='search-answer'><b>Answer:</b> {html.escape(exp.finalists['answer'])}</p>")
     body += [f"<div class='note'>{html.escape(n)}</div>" for n in exp.notes]
     if table.empty:
         body.append(f"<div class='empty' id='empty-results'>This experiment has no result rows yet: "

@@ -11,7 +11,9 @@ Conditional parameters (mask_start and mask_ramp do not exist for the constant s
 handled explicitly: Optuna's importance evaluators only use parameters present in every trial, so
 importances are computed for the always-present parameters over all trials, and for each
 conditional group over the trials in which it exists (the figure says over how many).
-The objective is named after the search's `--metric` (args.json), not assumed to be PSNR.
+The objective is named after the search's `--metric` (args.json), not assumed to be PSNR. A search run with
+--objectives has a two-objective study; its journal panels show the first objective (the metric),
+the second (encoder GFLOP) being the Pareto panel's.
 """
 
 from __future__ import annotations
@@ -39,17 +41,28 @@ def objective_label(metric: str) -> str:
     return OBJECTIVES.get(metric, metric)
 
 
+def objective(trial: Any) -> float:
+    """A trial's objective: its value, or the first of its values in a two-objective study (Optuna's `value`
+    raises there)."""
+    return trial.values[0]
+
+
+def _target(study: Any) -> Any:
+    """Optuna's `target` for the plots: None for one objective, the first for several (which need one)."""
+    return objective if len(study.directions) > 1 else None
+
+
 def completed_trials(study: Any) -> list[Any]:
     import optuna
 
     return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
-            and t.value is not None]
+            and t.values is not None]
 
 
 def history_figure(study: Any, label: str) -> go.Figure:
     from optuna.visualization import plot_optimization_history
 
-    fig = plot_optimization_history(study, target_name=label)
+    fig = plot_optimization_history(study, target=_target(study), target_name=label)
     fig.update_layout(**LAYOUT, title=None)
     return fig
 
@@ -57,19 +70,20 @@ def history_figure(study: Any, label: str) -> go.Figure:
 def parallel_figure(study: Any, label: str) -> go.Figure:
     from optuna.visualization import plot_parallel_coordinate
 
-    fig = plot_parallel_coordinate(study, target_name=label)
+    fig = plot_parallel_coordinate(study, target=_target(study), target_name=label)
     fig.update_layout(**{**LAYOUT, "height": 460}, title=None)
     return fig
 
 
-def _importances(trials: list[Any], params: list[str], direction: Any) -> dict[str, float]:
+def _importances(trials: list[Any], params: list[str], study: Any) -> dict[str, float]:
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sub = optuna.create_study(direction=direction)
+    sub = optuna.create_study(directions=study.directions)
     sub.add_trials(trials)
-    return get_param_importances(sub, params=params, evaluator=FanovaImportanceEvaluator(seed=0))
+    return get_param_importances(sub, params=params, evaluator=FanovaImportanceEvaluator(seed=0),
+                                 target=_target(study))
 
 
 def param_groups(trials: list[Any]) -> list[tuple[list[str], list[Any]]]:
@@ -101,11 +115,11 @@ def importance_figure(study: Any) -> go.Figure:
         shared = sorted(set.intersection(*(set(t.params) for t in having))) if conditional else params
         label = (f"all {len(having)} trials" if not conditional else
                  f"the {len(having)} trials with {', '.join(params)}")
-        if len(having) < 2 or len({t.value for t in having}) < 2:
+        if len(having) < 2 or len({objective(t) for t in having}) < 2:
             notes.append(f"{label}: too few distinct trials to estimate")
             continue
         try:
-            result = _importances(having, shared, study.direction)
+            result = _importances(having, shared, study)
         except (RuntimeError, ValueError) as err:
             notes.append(f"{label}: not estimable ({err})")
             continue
@@ -127,7 +141,7 @@ def slice_figure(study: Any, label: str) -> go.Figure:
     for scheduler in schedulers:
         mine = [t for t in trials if str(t.params.get("scheduler")) == scheduler]
         fig.add_trace(go.Scatter(
-            x=[t.params.get("mask_end") for t in mine], y=[t.value for t in mine], mode="markers", name=scheduler,
+            x=[t.params.get("mask_end") for t in mine], y=[objective(t) for t in mine], mode="markers", name=scheduler,
             marker={"color": colors[scheduler], "size": 11, "line": {"width": 1, "color": "white"}},
             hovertext=[f"trial {t.number}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in t.params.items()) for t in mine]))
@@ -190,7 +204,7 @@ def objective_flops_figure(table: pd.DataFrame, metric: str, label: str, budget_
                                          "line": {"width": 1.5, "color": "black"}}))
     if budget_tflops is not None:
         fig.add_vline(x=budget_tflops, name="budget", line_dash="dot", line_color=GREY,
-                      label={"text": f"budget {budget_tflops:g} TFLOP", "textposition": "end", "yanchor": "top"})
+                      annotation_text=f"budget {budget_tflops:g} TFLOP", annotation_position="top left")
     fig.update_layout(**LAYOUT, xaxis_title="training TFLOP (transformer forward + backward)", yaxis_title=label)
     return fig
 

@@ -20,7 +20,8 @@ RESULTS_FILE = "results.parquet"  # the experiment's tidy table (this module)
 ARGS_FILE = "args.json"  # the flags the experiment was started with (lmd.experiments.driver)
 REFERENCES_FILE = "references.json"  # the experiment's reference records (lmd.experiments.references)
 # 2: + workers and the trial's config columns; 3: + train_flops, val_probe_acc, patch_size, tokens;
-# 4: + depth, decoder_depth, peak_lr (what a search samples; `lr` is the step's scheduled rate) and encoder_gflops (its second objective)
+# 4: + depth, decoder_depth, peak_lr (what a search samples; `lr` is the step's scheduled rate) and
+# encoder_gflops (its second objective)
 SCHEMA_VERSION = 4
 SCHEMA_KEY = b"lmd_results_schema"  # Parquet schema metadata: which version wrote the file
 ID_COLUMNS = ["trial_id", "variant", "seed", "step", "samples_seen", "wall_seconds", "device_seconds"]

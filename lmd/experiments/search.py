@@ -28,7 +28,7 @@ from lmd.config import ConfigError, TrainConfig
 from lmd.config_build import build_config
 from lmd.experiments.budget import Budget, with_steps
 from lmd.experiments.driver import ExperimentSpec, build_stores
-from lmd.experiments.finalists import PAPER, Finalist, finalist_seeds
+from lmd.experiments.finalists import Finalist, finalist_seeds
 from lmd.experiments.pictures import representative_trials
 from lmd.experiments.results import final_rows, reference_columns, stopped_short, trial_id_of
 from lmd.experiments.summary import beats
@@ -125,9 +125,9 @@ class ScheduleFairASHA(FIFOScheduler):
     - Rungs are in training FLOPs: the clock is the fraction of its planned FLOPs a trial has spent
       (equal FLOPs across trials under --budget-by flops; depth and schedule change the FLOPs of a step,
       so a clock in steps would compare a deep trial at 3x the compute of a shallow one).
-    - A trial is compared only with trials of its own scheduler type, and only once its ramp has ended
-      (its mask ratio has reached its final one): evaluated at the final ratio, a curriculum still
-      mid-ramp looks worse than it will be, and would be stopped for being mid-ramp.
+    - A trial is compared only with trials of its own scheduler type, and only at rungs it reaches
+      after its ramp has ended (its mask ratio at its final one): evaluated at the final ratio, a
+      curriculum still mid-ramp looks worse than it will be, and would be stopped for being mid-ramp.
     - Rungs at `grace`, `grace * rf`, ... of the budget; at each, a trial below the rung's top 1/rf stops.
     Each scheduler type gets its own ASHA bracket (Ray's, unchanged), fed the SPENT clock.
     """
@@ -154,10 +154,27 @@ class ScheduleFairASHA(FIFOScheduler):
         self._asha(group).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        clocked = with_clock(result)
-        if clocked is None or trial.trial_id not in self._group_of:
+        if trial.trial_id not in self._group_of:
             return TrialScheduler.CONTINUE
-        return self._asha(self._group_of[trial.trial_id]).on_trial_result(tune_controller, trial, clocked)
+        asha = self._asha(self._group_of[trial.trial_id])
+        clocked = with_clock(result)
+        if clocked is None:
+            if mid_ramp(result):
+                self._exempt(asha, trial.trial_id, result)
+            return TrialScheduler.CONTINUE
+        return asha.on_trial_result(tune_controller, trial, clocked)
+
+    @staticmethod
+    def _exempt(asha: ASHAScheduler, trial_id: str, result: Mapping[str, Any]) -> None:
+        """A trial mid-ramp at a rung is never judged at that rung: it is recorded there as NaN (ASHA's cutoff is a
+        nanpercentile, so NaN counts for no one). Without this, ASHA would judge it at that rung with its value at
+        a later evaluation, more trained than the values it is compared with. Reads ASHA's bracket bookkeeping
+        (`_trial_info`, `_rungs`); tests/test_search.py checks the behaviour against Ray's own brackets."""
+        bracket = asha._trial_info.get(trial_id)
+        spent = result["train_flops"] / result[PLANNED] * (1 + 1e-9)
+        for milestone, recorded in getattr(bracket, "_rungs", []):
+            if spent >= milestone and trial_id not in recorded:
+                recorded[trial_id] = math.nan
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
         group = self._group_of.pop(trial.trial_id, None)
@@ -179,14 +196,19 @@ class ScheduleFairASHA(FIFOScheduler):
         self.on_trial_remove(tune_controller, trial)
 
 
+CLOCK_FIELDS = ("train_flops", PLANNED, "mask_ratio", "mask_end")
+
+
+def mid_ramp(result: Mapping[str, Any]) -> bool:
+    """Whether a report is from a curriculum still below its final mask ratio."""
+    return all(result.get(k) is not None for k in CLOCK_FIELDS) and result["mask_ratio"] < result["mask_end"] - 1e-6
+
+
 def with_clock(result: Mapping[str, Any]) -> dict[str, Any] | None:
     """`result` with the rungs' clock (SPENT) when it may be judged at a rung: an evaluation of a trial whose ramp
-    has ended. None otherwise (a training row, or a curriculum still below its final ratio)."""
-    needed = ("train_flops", PLANNED, "mask_ratio", "mask_end")
-    if any(result.get(k) is None for k in needed):
+    has ended. None otherwise (a row without the clock's fields, or a curriculum still mid-ramp)."""
+    if any(result.get(k) is None for k in CLOCK_FIELDS) or mid_ramp(result):
         return None
-    if result["mask_ratio"] < result["mask_end"] - 1e-6:
-        return None  # mid-ramp: not judged yet
     # A hair over: an evaluation at k/E of the FLOPs is placed within float rounding of it, and ASHA compares a rung
     # only once the clock reaches it (a rung missed by 1e-12 would be judged at the next evaluation instead).
     return {**result, SPENT: result["train_flops"] / result[PLANNED] * (1 + 1e-9)}
