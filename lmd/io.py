@@ -98,6 +98,23 @@ def read_json_object(path: Any, what: str, error: type[Exception]) -> dict[str, 
     return payload
 
 
+def shown_uri(where: Any) -> str:
+    """`where` as a message may show it: a URI without its credentials or query string (`s3://KEY:SECRET@bucket/x`
+    -> `s3://bucket/x`); a path as it is. Every message that names a storage location goes through this."""
+    text = str(where)
+    if "://" not in text:
+        return text
+    scheme, rest = text.split("://", 1)
+    authority, _, key = rest.split("?", 1)[0].partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}/{key}"
+
+
+def has_credentials(where: Any) -> bool:
+    """Whether a URI carries credentials in its authority (`scheme://user:secret@host/...`)."""
+    text = str(where)
+    return "://" in text and "@" in text.split("://", 1)[1].split("?", 1)[0].partition("/")[0]
+
+
 def storage_uri(storage: str) -> str:
     """A Ray storage location as Ray wants it: URIs (s3://, gs://, ...) as given, local paths absolute."""
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())

@@ -31,6 +31,7 @@ from tests.test_dashboard import synthetic_table, write_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 PWNED = "pwned-by-pickle"  # what the malicious pickle below would create if it were ever unpickled
+SECRET = "s3cr3tKeyMaterial"  # a credential some rows pass in a URI: no output may show it
 
 
 class _Evil:
@@ -119,6 +120,11 @@ CASES = [
     Case("train-gpus-without-gpus", ("lmd", "train", "--workers", "2", "--gpus-per-worker", "1", "--dataset",
                                      "synthetic"), "--workers=2 x --gpus-per-worker=1: this machine has 0 GPUs", 2),
     Case("cluster-port-not-a-number", ("cluster/local_cluster.sh", "stop", "6390;x"), "PORT=6390;x", 2),
+    # ---- secrets: a credential in a URI is refused, and never shown back (SECRET below must appear nowhere)
+    Case("ablation-storage-credentials", ("tune/ablation.py", "--storage", f"s3://KEY:{SECRET}@bucket/x"),
+         "--storage=s3://bucket/x", 2),
+    Case("search-storage-credentials", ("tune/search.py", "--storage", f"s3://KEY:{SECRET}@bucket/x"),
+         "--storage s3://bucket/x", 2),
 ]
 
 
@@ -152,6 +158,7 @@ def test_hostile_input_ends_in_one_line_and_changes_nothing(case: Case, tmp_path
     assert proc.returncode == case.code, proc.stderr[-2000:]
     assert len(lines) == 1 and "error: " in lines[0], proc.stderr[-2000:]
     assert case.fragment in lines[0]
+    assert SECRET not in proc.stderr + proc.stdout
     assert _snapshot(tmp_path) == before  # nothing created, removed or modified (no run dir, store, experiment)
     assert not (tmp_path / PWNED).exists()
 

@@ -45,6 +45,7 @@ from ray import tune
 
 from lmd.config import ConfigError, TrainConfig
 from lmd.config_build import build_config
+from lmd.entry import EXIT_RUNTIME, fail
 from lmd.experiments.budget import BUDGET_BY_HELP, BUDGET_HELP, BUDGET_UNITS, Budget
 from lmd.experiments.driver import (
     DefaultsHelp,
@@ -79,7 +80,7 @@ from lmd.experiments.finalists import (
     pareto_record,
     seed_spread,
 )
-from lmd.experiments.results import REFERENCES_FILE, tidy_table, write_table
+from lmd.experiments.results import REFERENCES_FILE, ShrinkingResults, tidy_table, write_table
 from lmd.experiments.search import (
     JOURNAL_FILE,
     ResumableOptunaSearch,
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage_path, verbose=0))
 
     with experiment_session(exp, vars(args)):
-        results = run_tuner(exp.storage_path, exp.name, new_search)  # restored with --resume
+        results = run_tuner(exp.storage_path, exp.name, new_search, PROG)  # restored with --resume
         table = write_results(results, exp)
         record = None
         if args.finalists and not table.empty:
@@ -291,9 +292,12 @@ def run_finalists(exp: ExperimentSpec, plan: tuple[list[Finalist], dict[str, Any
             run_config=tune.RunConfig(name=FINALISTS_RUN, storage_path=str(exp.folder),
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=0))
 
-    results = run_tuner(str(exp.folder), FINALISTS_RUN, new_grid)
+    results = run_tuner(str(exp.folder), FINALISTS_RUN, new_grid, PROG)
     table = tidy_table(results, devices_per_trial=exp.devices_per_trial)
-    write_table(table, exp.folder / FINALISTS_RESULTS_FILE)
+    try:
+        write_table(table, exp.folder / FINALISTS_RESULTS_FILE)
+    except ShrinkingResults as err:
+        fail(str(err), EXIT_RUNTIME, PROG)
     confirm = {t.variant: t.cfg for t in trials if t.seed == finalist_seeds(1)[0]}
     references = compute_references(confirm, seeds=finalist_seeds(args.seeds))
     record = finalists_record(table, finalists, args.metric, finalist_seeds(args.seeds), references,

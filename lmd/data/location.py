@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lmd.io import TMP_PREFIX, atomic_path, fsync_dir, sha256_file, write_bytes_atomic
+from lmd.io import TMP_PREFIX, atomic_path, fsync_dir, has_credentials, sha256_file, shown_uri, write_bytes_atomic
 
 
 def is_uri(where: str | Path | Location) -> bool:
@@ -67,10 +67,9 @@ class Location:
                 text = "/" + text.removeprefix("file://").removeprefix("localhost/").lstrip("/")
             return cls(Path(text).expanduser())
         uri = str(where)
-        scheme, rest = uri.split("://", 1)
-        authority, _, key = rest.split("?", 1)[0].partition("/")
-        shown = f"{scheme}://{authority.rpartition('@')[2]}/{key}"  # no credentials, no query
-        if "@" in authority:
+        scheme = uri.split("://", 1)[0]
+        shown = shown_uri(uri)  # no credentials, no query
+        if has_credentials(uri):
             # A URI is written to config.json, checkpoints and Ray's run records: a secret in it would be too.
             raise ValueError(f"{shown}: credentials in the URI are refused (they would be saved with the run); set "
                              "them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or use an "

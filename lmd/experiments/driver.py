@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ import pandas as pd
 
 from lmd.config import COMPILE_MODES, LOADERS, ConfigError, TrainConfig, check_name
 from lmd.entry import (
+    EXIT_PREEMPTED,
     EXIT_RUNTIME,
     EXIT_USAGE,
     ClusterUnreachable,
@@ -41,9 +43,9 @@ from lmd.entry import (
     init_ray,
     local_ray,
 )
-from lmd.experiments.results import ARGS_FILE, RESULTS_FILE, tidy_table, write_table
+from lmd.experiments.results import ARGS_FILE, RESULTS_FILE, ShrinkingResults, tidy_table, write_table
 from lmd.experiments.trial import Placement, check_placement, run_trial, trial_resources
-from lmd.io import read_json_object, storage_uri, write_json_atomic
+from lmd.io import read_json_object, shown_uri, storage_uri, write_json_atomic
 from lmd.locks import Lock, LockedError, check_free, hold
 
 # args.json's "layout": 2 = every trial's Tune config holds a TrialSpec under "trial". Experiments of
@@ -109,9 +111,9 @@ class ExperimentSpec:
         if not self.name:
             raise ConfigError("--name='': an experiment needs a name")
         if "://" in self.storage:  # refused, not faked: these files would land in a local folder named "s3:"
-            raise ConfigError(f"--storage={self.storage}: the experiment's own files (args.json, results, summary, "
-                              "pictures, dashboard) are written with local file operations, so --storage must be a "
-                              "path (on a cluster: a shared mount every node sees, e.g. NFS or mountpoint-s3)")
+            raise ConfigError(f"--storage={shown_uri(self.storage)}: the experiment's own files (args.json, results, "
+                              "summary, pictures, dashboard) are written with local file operations, so --storage must "
+                              "be a path (on a cluster: a shared mount every node sees, e.g. NFS or mountpoint-s3)")
         check_placement(self.placement(), batch_size)
         if self.gpus_per_trial > 0 and local_ray(self.address):
             import torch  # what a local Ray will find; a cluster's GPUs are checked once connected (`fit`)
@@ -288,10 +290,13 @@ def experiment_session(exp: ExperimentSpec, flags: Mapping[str, Any],
         ray.shutdown()
 
 
-def run_tuner(storage_path: str, name: str, new_tuner: Callable[[Any], Any]) -> Any:
+def run_tuner(storage_path: str, name: str, new_tuner: Callable[[Any], Any], prog: str) -> Any:
     """Tune's ResultGrid of the Tuner run `<storage_path>/<name>`: restored when Tune saved its state there (finished
     trials are not rerun, unfinished ones continue from their last checkpoint), else built by `new_tuner(trainable)`,
-    where trainable is `run_trial` with each trial's own resources. Needs `experiment_session`."""
+    where trainable is `run_trial` with each trial's own resources. Needs `experiment_session`.
+
+    An interrupted run (Ctrl-C: Tune saves its state and returns with trials unfinished) ends here with the
+    preempted exit code and nothing final written: its results would look final and be partial."""
     from ray import tune
 
     trainable = tune.with_resources(run_trial, trial_resources)
@@ -300,21 +305,44 @@ def run_tuner(storage_path: str, name: str, new_tuner: Callable[[Any], Any]) -> 
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = new_tuner(trainable)
-    return tuner.fit()
+    results = tuner.fit()
+    unfinished = unfinished_trials(Path(path))
+    if unfinished:
+        fail(f"interrupted with {unfinished} of {len(results)} trials unfinished; nothing final was written: continue "
+             "with --resume", EXIT_PREEMPTED, prog)
+    return results
+
+
+def unfinished_trials(run: Path) -> int:
+    """Trials that Tune's last saved state of `run` has neither finished nor failed. Read from the file because
+    after a Ctrl-C Tune saves that state, then marks every trial it stops TERMINATED in memory: the ResultGrid
+    would count an interrupted trial as finished."""
+    states = sorted(run.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return 0
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+        status = [json.loads(entry[0]).get("status") for entry in trials]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0  # unreadable: no claim either way (the tables' own checks still hold)
+    return sum(s not in ("TERMINATED", "ERROR") for s in status)
 
 
 def fit(exp: ExperimentSpec, new_tuner: Callable[[Any], Any], flags: Mapping[str, Any],
         records: Mapping[str, Any] | None = None) -> Any:
     """Run the experiment's one Tuner (`experiment_session`, then `run_tuner`) and return Tune's ResultGrid."""
     with experiment_session(exp, flags, records):
-        return run_tuner(exp.storage_path, exp.name, new_tuner)
+        return run_tuner(exp.storage_path, exp.name, new_tuner, exp.prog)
 
 
 def write_results(results: Any, exp: ExperimentSpec) -> pd.DataFrame:
     """Every reported row of every trial -> <experiment>/results.parquet; returns the table."""
     table = tidy_table(results, devices_per_trial=exp.devices_per_trial)
     path = exp.folder / RESULTS_FILE
-    write_table(table, path)
+    try:
+        write_table(table, path)
+    except ShrinkingResults as err:
+        fail(str(err), EXIT_RUNTIME, exp.prog)
     print(f"results: {path} ({len(table)} rows, {table['trial_id'].nunique()} trials)", flush=True)
     return table
 

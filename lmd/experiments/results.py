@@ -41,11 +41,29 @@ def trial_id_of(result: Any) -> str:
     return result.path.rstrip("/").split("/")[-1]
 
 
+def reported_rows(result: Any) -> pd.DataFrame | None:
+    """Every complete row one Tune trial reported: the lines of its `result.json` (JSON lines that Tune appends),
+    skipping a line a kill left torn mid-write (it costs that line, never the trial's table); Ray's own
+    `metrics_dataframe` only where the trial folder has no such file (a URI storage)."""
+    path = Path(result.path) / "result.json" if result.path and "://" not in str(result.path) else None
+    if path is None or not path.is_file():
+        return result.metrics_dataframe
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # torn (a kill during Tune's write) or not JSON: not a row
+        if isinstance(row, dict):
+            rows.append({k: v for k, v in row.items() if not isinstance(v, dict | list)})  # config: not a column
+    return pd.DataFrame(rows) if rows else None
+
+
 def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
     """Every reported row of every trial of a `ResultGrid`."""
     frames = []
     for result in results:
-        df = result.metrics_dataframe
+        df = reported_rows(result)
         if df is None or df.empty:
             continue
         df = df.copy()
@@ -70,10 +88,31 @@ def tidy_table(results: Any, devices_per_trial: float) -> pd.DataFrame:
     return table
 
 
+class ShrinkingResults(RuntimeError):
+    """A results table would replace one that holds trials or rows it lacks: refused, the old one is kept."""
+
+
 def write_table(table: pd.DataFrame, path: Path) -> None:
-    """Atomically, with the schema version in the Parquet metadata (the dashboard checks it)."""
+    """Atomically, with the schema version in the Parquet metadata (the dashboard checks it).
+
+    Never replaces a table with one that lost rows or trials (a resume whose trials' files could not be read
+    would otherwise write an empty "final" table over the real one): ShrinkingResults, and the file is kept."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    if path.is_file():
+        try:
+            old = pq.read_table(path, columns=["trial_id"]).column("trial_id").to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            old = None  # not a readable results table: nothing it holds can be lost by replacing it
+        if old is not None:
+            lost = sorted(set(old) - set(table["trial_id"]))
+            if lost or len(table) < len(old):
+                raise ShrinkingResults(
+                    f"{path}: kept as it is; the new table would hold {len(table)} rows of "
+                    f"{table['trial_id'].nunique()} trials where it holds {len(old)} rows of {len(set(old))}"
+                    + (f" (missing {', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''})" if lost else "")
+                    + ": some trials' result files could not be read")
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), SCHEMA_KEY: str(SCHEMA_VERSION).encode()})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from lmd.experiments.pictures import representative_trials
 from lmd.experiments.results import final_rows, reference_columns, stopped_short, trial_id_of
 from lmd.experiments.summary import beats
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec
+from lmd.io import shown_uri
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,8 @@ def check_search(ranges: Mapping[str, Sequence[float]], samples: int, finalists:
     if not 0.0 < grace <= 1.0:
         raise ConfigError(f"--grace={grace}: the first rung is a fraction of the budget in (0, 1]")
     if "://" in exp.storage:
-        raise ConfigError(f"--storage {exp.storage}: the search keeps its Optuna journal beside the results, so it "
-                          "needs a filesystem path (on a cluster: a mount every node sees)")
+        raise ConfigError(f"--storage {shown_uri(exp.storage)}: the search keeps its Optuna journal beside the "
+                          "results, so it needs a filesystem path (on a cluster: a mount every node sees)")
 
 
 def search_base(base: TrialBase, placement: Placement, metric: str) -> dict[str, Any]:
@@ -162,7 +164,9 @@ class ScheduleFairASHA(FIFOScheduler):
             if mid_ramp(result):
                 self._exempt(asha, trial.trial_id, result)
             return TrialScheduler.CONTINUE
-        return asha.on_trial_result(tune_controller, trial, clocked)
+        with warnings.catch_warnings():  # a rung whose every record is an exemption (NaN) has no cutoff: no stop
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return asha.on_trial_result(tune_controller, trial, clocked)
 
     @staticmethod
     def _exempt(asha: ASHAScheduler, trial_id: str, result: Mapping[str, Any]) -> None:
