@@ -76,6 +76,19 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def replaces_only(path: str | Path, magic: bytes, what: str) -> None:
+    """Refuse (FileExistsError naming it) to write `what` over an existing file that does not start with `magic`
+    (a file of another kind: an output must never replace an input), or over a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{path}: is a folder, not {what}")
+    if path.exists():
+        with path.open("rb") as f:
+            head = f.read(len(magic))
+        if head != magic:
+            raise FileExistsError(f"{path}: exists and is not {what}; refusing to replace it")
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """JSON (indented, sorted keys) written atomically: readers never see a partial file."""
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

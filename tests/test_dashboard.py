@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+from html import unescape
 from pathlib import Path
 
 import optuna
@@ -23,12 +24,19 @@ import pytest
 from lmd.dashboard import ResultsError, load_experiment, render_dashboard
 from lmd.dashboard import figures as F
 from lmd.dashboard import spend as S
-from lmd.dashboard.load import PICTURES_FILE
+from lmd.dashboard.load import FINALISTS_FILE, IMPORTANCES_FILE, PARETO_FILE, PICTURES_FILE
 from lmd.dashboard.page import budget_caption, build_panels
 from lmd.dashboard.search_figures import importance_figure, param_groups
 from lmd.experiments.pictures import PICTURES_FILE as WRITTEN_PICTURES_FILE
 from lmd.experiments.pictures import representative_trials
-from lmd.experiments.results import COMPUTE_COLUMNS, CONFIG_COLUMNS, PLACEMENT_COLUMNS, SCHEMA_KEY, interval
+from lmd.experiments.results import (
+    COMPUTE_COLUMNS,
+    CONFIG_COLUMNS,
+    PLACEMENT_COLUMNS,
+    SCHEMA_KEY,
+    interval,
+    write_table,
+)
 from lmd.experiments.summary import crossing, summarize
 from tests.browser import render
 
@@ -36,7 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 ABLATION_FIGURES = {"fig-curves-flops", "fig-curves-samples", "fig-curves-wall", "fig-quality", "fig-time-to-target",
                     "fig-speedup", "fig-budget", "fig-schedules", "fig-cost"}
 SEARCH_FIGURES = {"fig-curves-flops", "fig-curves-samples", "fig-curves-wall", "fig-schedules", "fig-history",
-                  "fig-importance", "fig-parallel", "fig-slice", "fig-cost"}
+                  "fig-parallel", "fig-slice", "fig-cost", "fig-objective-flops"}  # + fANOVA's or the search's effects
+ANSWER_FIGURES = {"fig-finalists", "fig-effects", "fig-pareto"}  # finalists.json, importances.json, pareto.json
 
 # ------------------------------------------------------------------ a synthetic ablation with a known answer
 # variant: patch size, tokens, steps, scheduler, final PSNR, final probe accuracy. Every trial spends BUDGET TFLOP.
@@ -253,7 +262,7 @@ def test_budget_panel_shows_equal_tflop():
 # ------------------------------------------------------------------ older, bad and empty results files
 def test_older_schemas_render_with_notes_on_what_they_cannot_show(tmp_path):
     # Schema 1 (the first release) wrote no version and had no workers, config or compute columns.
-    old = synthetic_table().drop(columns=PLACEMENT_COLUMNS + CONFIG_COLUMNS + COMPUTE_COLUMNS)
+    old = synthetic_table().drop(columns=PLACEMENT_COLUMNS + CONFIG_COLUMNS + COMPUTE_COLUMNS, errors="ignore")
     root = write_experiment(tmp_path / "old", old, schema=None, references=False)
     (root / "summary.json").write_text("[]")  # the summary of the first releases was a list of rows
     page = render(render_dashboard(root), tmp_path / "old.png")
@@ -308,15 +317,20 @@ def test_rendering_the_dashboard_needs_no_torch(synthetic, tmp_path):
 
 # ------------------------------------------------------------------ searches
 def _search_folder(root: Path, metric: str | None) -> Path:
-    """A search as tune/search.py leaves it: per-trial rows (variant = scheduler), args.json, an Optuna journal."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
+    """A search as tune/search.py left it before the finalist phase (results schema 3): per-trial rows (variant =
+    scheduler), args.json, an Optuna journal."""
     table = synthetic_table()
     table["variant"] = table["scheduler"]
     _write(table, root / "results.parquet", b"3")
     (root / "args.json").write_text(json.dumps({"samples": 3, "name": "search", **({"metric": metric} if metric
                                                                                      else {})}))
+    return _write_journal(root)
+
+
+def _write_journal(root: Path) -> Path:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
     study = optuna.create_study(study_name="search", direction="maximize",
                                 storage=JournalStorage(JournalFileBackend(str(root / "optuna.journal"))))
     dists = {"scheduler": optuna.distributions.CategoricalDistribution(["constant", "cosine"]),
@@ -337,7 +351,7 @@ def test_search_objective_is_named_after_args_metric(tmp_path, metric, label):
     assert "time-to-target" not in panels and "budget" not in panels  # a search has no baseline or budget
     assert panels["history"].figure.layout.yaxis.title.text == label
     assert panels["slice"].figure.layout.yaxis.title.text == label
-    assert panels["parallel"].figure.layout.xaxis.ticktext[0] == label  # the objective's axis comes first
+    assert panels["parallel"].figure.data[0].dimensions[-1].label == label  # the table's, the objective last
     assert label in panels["history"].caption and label in panels["slice"].caption
     other = "held-out PSNR (dB)" if "probe" in label else "linear-probe"
     assert other not in panels["history"].caption + panels["slice"].caption
@@ -394,6 +408,260 @@ def test_conditional_importances_are_a_separate_fit_over_the_trials_that_have_th
     assert everyone["mask_end"] > everyone["scheduler"]  # the objective is driven by the final ratio
 
 
+# ------------------------------------------------------------------ a search with its answer (results schema 4)
+# trial: scheduler, mask_end, depth, decoder_depth, lr, encoder GFLOP/image, final PSNR, step ASHA stopped it at.
+SEARCH_TRIALS = {"cosine_a": ("cosine", 0.80, 2, 1, 1e-3, 0.012, 15.2, None),
+                 "cosine_b": ("cosine", 0.70, 4, 2, 3e-4, 0.024, 15.6, None),
+                 "uniform_a": ("uniform", 0.60, 1, 1, 2e-3, 0.006, 14.1, None),
+                 "piecewise_a": ("piecewise", 0.85, 3, 1, 5e-4, 0.018, 14.9, None),
+                 "uniform_stopped": ("uniform", 0.55, 2, 2, 1e-3, 0.012, 12.0, 20)}
+SEARCH_STEPS, SEARCH_EVAL = 40, 10
+# (gflops, PSNR) of the finished trials: cheaper and better than piecewise_a, cosine_a dominates it.
+FRONT, DOMINATED = ["uniform_a", "cosine_a", "cosine_b"], ["piecewise_a"]
+ANSWER = ("finalist_1 (cosine 0.70, depth 4/2, lr 0.0003) is not separable from the paper's configuration on "
+          "val_psnr: +0.30 dB [-0.10, +0.70] over 3 fresh seeds")
+FINALIST_SEEDS = [100, 101, 102]
+
+
+def search_table() -> pd.DataFrame:
+    """Schema-4 rows of a search: each trial's sampled values on every row, training FLOPs per step growing with
+    depth, an evaluation every SEARCH_EVAL steps; uniform_stopped ends at step 20 of 40 (ASHA stopped it)."""
+    rows = []
+    for trial_id, (scheduler, end, depth, dec, lr, gflops, psnr, stop) in SEARCH_TRIALS.items():
+        for step in range(SEARCH_EVAL, (stop or SEARCH_STEPS) + 1, SEARCH_EVAL):
+            frac = step / SEARCH_STEPS
+            rows.append({"trial_id": trial_id, "variant": scheduler, "seed": 0, "step": step, "samples_seen": step * 8,
+                         "wall_seconds": float(step), "device_seconds": float(step), "loss": 1 - frac / 2,
+                         "mask_ratio": end, "lr": lr, "val_masked_mse": 0.4, "val_masked_mse_fixed": 0.4,
+                         "val_psnr": psnr - 3 * (1 - frac), "train_flops": step * (0.01 + 0.005 * depth) * 1e12,
+                         "val_probe_acc": 0.7 + 0.05 * frac, "workers": 1, "num_nodes": 1, "scheduler": scheduler,
+                         "mask_start": 0.2, "mask_end": end, "mask_ramp": 0.6, "projector": "lmd-f8c4",
+                         "preset": "mini_p1", "total_steps": SEARCH_STEPS, "patch_size": 1, "tokens": 16,
+                         "depth": depth, "decoder_depth": dec, "peak_lr": lr, "encoder_gflops": gflops})
+    return pd.DataFrame(rows)
+
+
+def _seed_stats(values: list[float]) -> dict:
+    mean, half = interval(pd.Series(values, dtype=float))
+    return {"mean": mean, "ci95": half, "values": values}
+
+
+def finalists_record() -> dict:
+    """finalists.json: two finalists (the second with one seed: no interval, no probe, a reference missing) and the
+    paper's configuration, listed last as the search writes it."""
+    refs = {"fill_psnr": 11.6, "ceiling_psnr": 26.2, "raw_probe_acc": 0.70, "random_probe_acc": 0.66,
+            "random_probe_acc_ci95": 0.02}
+
+    def row(name: str, rank: int | None, trial: str | None, psnr: list[float], probe: list[float] | None,
+            vs: dict | None, references: dict) -> dict:
+        scheduler, end, depth, dec, lr, gflops, search, _ = SEARCH_TRIALS.get(trial, ("cosine", 0.75, 2, 1, 1e-3,
+                                                                                      0.012, None, None))
+        return {"name": name, "rank": rank, "source_trial": trial, "search_value": search if trial else None,
+                "params": {"scheduler": scheduler, "mask_start": 0.2, "mask_end": end, "mask_ramp": 0.6,
+                           "depth": depth, "decoder_depth": dec, "lr": lr},
+                "encoder_gflops": gflops, "train_tflops": 1.6, "n": len(psnr),
+                "trial_ids": [f"{name}_s{s}" for s in FINALIST_SEEDS[:len(psnr)]], "val_psnr": _seed_stats(psnr),
+                "val_probe_acc": _seed_stats(probe) if probe else None, "references": references,
+                "beats": {"fill_psnr": "yes", "random_probe_acc": "yes", "raw_probe_acc": "no"} if probe else {},
+                "vs_paper": vs}
+
+    return {"metric": "val_psnr", "heldout": "confirm", "seeds": FINALIST_SEEDS, "paper": "paper_default",
+            "budget": {"budget_by": "flops", "budget": 1.6, "unit": "TFLOP"}, "answer": ANSWER, "finalists": [
+                row("finalist_1", 1, "cosine_b", [15.3, 15.4, 15.6], [0.78, 0.79, 0.80],
+                    {"metric": "val_psnr", "diff": 0.3, "lo": -0.1, "hi": 0.7, "verdict": "not separable"}, refs),
+                row("finalist_2", 2, "cosine_a", [14.2], None,
+                    {"metric": "val_psnr", "diff": -0.93, "lo": math.nan, "hi": math.nan, "verdict": "not separable"},
+                    {"fill_psnr": 11.6, "ceiling_psnr": None}),
+                row("paper_default", None, None, [15.0, 15.1, 15.3], [0.76, 0.77, 0.78], None, refs)]}
+
+
+def pareto_record() -> dict:
+    def point(trial_id: str) -> dict:
+        scheduler, end, depth, dec, lr, gflops, psnr, _ = SEARCH_TRIALS[trial_id]
+        return {"trial_id": trial_id, "params": {"scheduler": scheduler, "mask_end": end, "depth": depth},
+                "val_psnr": psnr, "encoder_gflops": gflops}
+
+    return {"objectives": [{"name": "val_psnr", "mode": "max"}, {"name": "encoder_gflops", "mode": "min"}],
+            "front": [point(t) for t in FRONT], "others": [point(t) for t in DOMINATED]}
+
+
+IMPORTANCES = {"evaluator": "PedAnovaImportanceEvaluator", "objective": "val_psnr", "trials": 4, "seed_spread": 0.25,
+               "importances": {"scheduler": {"importance": 0.41, "effect": 0.9},
+                               "depth": {"importance": 0.3, "effect": 0.6},
+                               "mask_end": {"importance": 0.2, "effect": 0.1},  # below the seed noise
+                               "lr": {"importance": 0.05, "effect": None}}}
+
+
+def write_search(root: Path, answer: bool = True, journal: bool = True) -> Path:
+    """A search folder as tune/search.py leaves it from results schema 4: the table (written by the writer itself),
+    args.json, and with `answer` finalists.json, pareto.json and importances.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_table(search_table(), root / "results.parquet")
+    (root / "args.json").write_text(json.dumps({"samples": 5, "name": "search", "metric": "val_psnr",
+                                                "budget_by": "flops", "budget": 1.6, "objectives": answer}))
+    if answer:
+        (root / FINALISTS_FILE).write_text(json.dumps(finalists_record()))  # NaN intervals as JSON's NaN
+        (root / PARETO_FILE).write_text(json.dumps(pareto_record()))
+        (root / IMPORTANCES_FILE).write_text(json.dumps(IMPORTANCES))
+    return _write_journal(root) if journal else root
+
+
+@pytest.fixture(scope="module")
+def answered_search(tmp_path_factory) -> Path:
+    return write_search(tmp_path_factory.mktemp("answered") / "search")
+
+
+def test_a_search_with_its_answer_renders_every_new_panel_with_the_answer_on_top(answered_search, tmp_path):
+    path = render_dashboard(answered_search, tmp_path / "search.html")
+    page = render(path, tmp_path / "answered.png")
+    _assert_rendered(page, SEARCH_FIGURES | ANSWER_FIGURES)
+    # The search's own importances replace fANOVA's on the journal, the table's parallel coordinates the journal's.
+    assert "fig-importance" not in page.figures
+    assert len(re.findall(r"id=\"fig-parallel\"", path.read_text())) == 1
+    assert f"Answer: {ANSWER}" in page.text
+    assert page.text.index(ANSWER) < page.text.index("The answer: finalists against")  # above every panel
+    assert "uniform_stopped, stopped early" in page.text  # the stopped trial, named as stopped in the legend
+    assert not [n for n in ("no finalists.json", "no pareto.json", "no importances.json") if n in page.text]
+    # The verdicts in words, in the table under the finalists' figure: the paper first, as the reference.
+    table = re.search(r"<table class='finalists' id='finalists-table'>(.*?)</table>", path.read_text(), re.S)
+    rows = re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S)[1:]
+    assert [re.search(r"<td>(.*?)</td>", r).group(1) for r in rows] == [
+        "paper_default (the paper&#x27;s)", "finalist_1", "finalist_2"]
+    assert "(the reference)" in rows[0] and "+0.30 dB [-0.10, +0.70]: not separable" in rows[1]
+    assert "-0.93 dB: not separable" in rows[2] and "14.20 (one seed: no interval)" in rows[2]
+
+
+def _panels(root: Path) -> dict:
+    return {p.key: p for p in build_panels(load_experiment(root))}
+
+
+def test_stopped_trials_are_marked_as_stopped_on_the_flops_axis(answered_search):
+    panel = _panels(answered_search)["objective-flops"]
+    traces = {t.name: t for t in panel.figure.data}
+    stopped = traces["uniform · uniform_stopped, stopped early"]
+    assert stopped.line.dash == "dash" and "stopped early at step 20 of 40" in stopped.hovertext
+    marks = traces["stopped early by ASHA (1)"]
+    assert marks.marker.symbol == "x" and list(marks.x) == pytest.approx([stopped.x[-1]]) and len(stopped.x) == 2
+    assert {t.line.dash for t in panel.figure.data if "stopped" not in t.name} == {"solid"}
+    ends = {t.hovertext: max(t.x) for t in panel.figure.data if isinstance(t.hovertext, str)}
+    assert ends["cosine_a (cosine)"] == pytest.approx(SEARCH_STEPS * 0.02)  # TFLOP: depth 2, 0.02 TFLOP a step
+    assert ends["cosine_b (cosine)"] == pytest.approx(SEARCH_STEPS * 0.03)
+    assert "rungs are in training FLOPs" in panel.caption and "1 of 5 trials were stopped early" in panel.caption
+    assert panel.figure.layout.shapes[0].x0 == 1.6  # args.json's budget, in TFLOP under --budget-by flops
+
+
+def test_only_the_front_is_drawn_as_the_front(answered_search):
+    traces = {t.name: t for t in _panels(answered_search)["pareto"].figure.data}
+    gflops = {t: SEARCH_TRIALS[t][5] for t in SEARCH_TRIALS}
+    front = traces["Pareto front (3 trials)"]
+    assert list(front.x) == [gflops[t] for t in FRONT] and front.mode == "lines+markers"  # joined, by cost
+    assert list(front.y) == [SEARCH_TRIALS[t][6] for t in FRONT] and front.line.shape == "hv"
+    dominated = traces["dominated trials (1)"]
+    assert list(dominated.x) == [gflops[t] for t in DOMINATED]
+    assert dominated.opacity < 0.5 and dominated.mode == "markers"
+
+
+def test_parallel_coordinates_come_from_the_table_and_leave_out_stopped_trials(answered_search):
+    for root in (answered_search, write_search(answered_search.parent / "no-journal", journal=False)):
+        parcoords = _panels(root)["parallel"].figure.data[0]
+        labels = [d.label for d in parcoords.dimensions]
+        assert labels == ["scheduler", "mask_end", "mask_start", "mask_ramp", "depth", "decoder_depth",
+                          "lr (log scale)", "held-out PSNR (dB)"]
+        scheduler = parcoords.dimensions[0]
+        assert list(scheduler.ticktext) == ["cosine", "piecewise", "uniform"] and len(scheduler.values) == 4
+        assert sorted(parcoords.dimensions[-1].values) == sorted(SEARCH_TRIALS[t][6] for t in FRONT + DOMINATED)
+
+
+def test_effects_are_drawn_beside_the_seed_noise(answered_search):
+    panel = _panels(answered_search)["effects"]
+    bars = panel.figure.data[0]
+    assert list(bars.x) == ["scheduler", "depth", "mask_end"] and list(bars.y) == [0.9, 0.6, 0.1]
+    assert bars.text[0] == "importance 0.41"
+    assert bars.marker.color[2] != bars.marker.color[0]  # below the line: drawn apart
+    noise = next(s for s in panel.figure.layout.shapes if s.name == "seed noise")
+    assert noise.y0 == noise.y1 == 0.25
+    assert "no effect estimated (too few levels): lr" in panel.figure.layout.annotations[0].text
+    assert "moves the objective less than a change of seed" in panel.caption
+
+
+def test_finalists_are_drawn_with_intervals_references_and_verdicts(answered_search):
+    panel = _panels(answered_search)["finalists"]
+    traces = [t for t in panel.figure.data]
+    means = [t for t in traces if t.name == "mean ± 95% CI over seeds"]
+    assert [t.xaxis for t in means] == ["x", "x2"]  # the objective, then the probe
+    psnr, probe = means
+    assert list(psnr.y) == pytest.approx([15.133, 15.433, 14.2], abs=1e-3)  # the paper first
+    assert psnr.error_y.array[0] == pytest.approx(interval(pd.Series([15.0, 15.1, 15.3]))[1])
+    assert psnr.error_y.array[2] is None and probe.y[2] is None  # one seed: no interval; no probe
+    names = {t.name: t for t in traces}
+    fill = names["no-model fill 11.60 dB"]
+    assert fill.xaxis == "x" and [x for x in fill.x if x is not None] == pytest.approx([-0.4, 0.4, 0.6, 1.4, 1.6, 2.4])
+    # 26.2 dB: further above the intervals than the span of the intervals and fills (11.6-15.8 dB), so listed only.
+    ceiling = names["projector ceiling 26.20 dB, off scale"]
+    assert ceiling.visible == "legendonly"
+    assert [x for x in ceiling.x if x is not None] == pytest.approx([-0.4, 0.4, 0.6, 1.4])  # finalist_2's is null
+    assert names["random-encoder probe 0.660"].xaxis == "x2"
+    assert len([s for s in panel.figure.layout.shapes if s.name == "random-encoder probe 95%"]) == 2
+    assert list(names["verdict against the paper"].text) == ["not separable vs paper"] * 2
+    assert "3 fresh seeds (100, 101, 102)" in panel.caption and "'confirm'" in unescape(panel.caption)
+
+
+def _broken(mutate) -> dict:
+    record = finalists_record()
+    mutate(record)
+    return record
+
+
+@pytest.mark.parametrize(("file", "payload", "field"), [
+    (FINALISTS_FILE, _broken(lambda r: r["finalists"][0]["vs_paper"].update(verdict="maybe")),
+     r"finalists\[0\]\.vs_paper\.verdict='maybe'"),
+    (FINALISTS_FILE, _broken(lambda r: r["finalists"][1]["val_psnr"].update(ci95="wide")),
+     r"finalists\[1\]\.val_psnr\.ci95='wide': expected a JSON number or null"),
+    (FINALISTS_FILE, _broken(lambda r: r.pop("answer")), "answer missing"),
+    (FINALISTS_FILE, _broken(lambda r: r["finalists"][2].update(n=True)), r"finalists\[2\]\.n=True"),
+    (FINALISTS_FILE, _broken(lambda r: r.update(paper="mae")), "paper='mae': no configuration"),
+    (FINALISTS_FILE, [1, 2], "is not a JSON object"),
+    (PARETO_FILE, {**pareto_record(), "front": [{"trial_id": "t", "val_psnr": 1.0}]},
+     r"front\[0\]\.encoder_gflops missing"),
+    (IMPORTANCES_FILE, {**IMPORTANCES, "importances": {"depth": {"importance": 0.3, "effect": "big"}}},
+     r"importances\.depth\.effect='big'"),
+])
+def test_malformed_search_records_are_refused_naming_the_file_and_field(tmp_path, file, payload, field):
+    root = write_search(tmp_path / "search", journal=False)
+    (root / file).write_text(json.dumps(payload))
+    with pytest.raises(ResultsError, match=f"{re.escape(file)}: .*{field}" if "is not" not in field else field):
+        load_experiment(root)
+    proc = subprocess.run([sys.executable, str(REPO / "analysis" / "dashboard.py"), str(root)], capture_output=True,
+                          text=True, timeout=120) if file == FINALISTS_FILE and "verdict" in field else None
+    assert proc is None or (proc.returncode == 2 and file in proc.stderr and "vs_paper.verdict" in proc.stderr)
+
+
+def test_a_search_without_the_new_files_still_renders_and_says_what_it_lacks(tmp_path):
+    for root, schema in ((write_search(tmp_path / "v4", answer=False), None),
+                         (_search_folder(tmp_path / "v3", "val_psnr"), 3)):  # before the sampled columns
+        exp = load_experiment(root)
+        assert exp.finalists is None and exp.pareto is None and exp.importances is None
+        assert schema is None or exp.schema == schema
+        page = render(render_dashboard(root, tmp_path / f"{root.name}.html"), tmp_path / f"{root.name}.png")
+        _assert_rendered(page, SEARCH_FIGURES | {"fig-importance"})  # fANOVA's on the journal instead
+        assert not ANSWER_FIGURES & set(page.figures) and "Answer:" not in page.text
+        for note in ("no finalists.json", "no pareto.json", "no importances.json"):
+            assert note in page.text, note
+        assert ("the parallel coordinates show the mask schedule only" in page.text) == (schema == 3)
+    # Schema 3's lr is the learning rate at the row's step, not a sampled value: no lr axis.
+    labels = [d.label for d in _panels(tmp_path / "v3")["parallel"].figure.data[0].dimensions]
+    assert labels == ["scheduler", "mask_end", "mask_start", "mask_ramp", "held-out PSNR (dB)"]
+
+
+def test_schema_4_tables_are_read_whatever_this_checkout_writes(tmp_path):
+    for schema in (b"3", b"4"):
+        root = tmp_path / schema.decode()
+        _write(search_table(), root / "results.parquet", schema)
+        assert load_experiment(root).schema == int(schema)
+    with pytest.raises(ResultsError, match="column 'depth' holds .* expected whole numbers"):
+        load_experiment(_write(search_table().assign(depth=2.5), tmp_path / "bad" / "results.parquet", b"4"))
+
+
 # ------------------------------------------------------------------ real runs (session fixtures of conftest)
 def test_ablation_dashboard_renders_every_panel_with_data(ablation_run, tmp_path):
     proc, experiment = ablation_run
@@ -418,12 +686,18 @@ def test_search_dashboard_renders_the_study_panels(search_run, tmp_path):
     proc, experiment = search_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = render(experiment / "dashboard.html", tmp_path / "search.png")
-    _assert_rendered(page, SEARCH_FIGURES)
+    written = {f"fig-{key}" for key, file in (("finalists", FINALISTS_FILE), ("effects", IMPORTANCES_FILE),
+                                              ("pareto", PARETO_FILE)) if (experiment / file).is_file()}
+    _assert_rendered(page, SEARCH_FIGURES | written)
+    assert ("fig-importance" in page.figures) != ("fig-effects" in page.figures)  # the search's or fANOVA's
+    if (experiment / FINALISTS_FILE).is_file():
+        assert json.loads((experiment / FINALISTS_FILE).read_text())["answer"] in page.text
     assert "Reconstructions" in page.text and page.images and all(i["naturalWidth"] > 0 for i in page.images)
     assert "fig-time-to-target" not in page.figures  # a search has no pixel-MAE baseline
     assert max(page.figures["fig-history"]["trace_points"]) == 4  # the objective of every completed trial
-    # One schedule line per trial (21 points over 20 steps) besides the recorded circles.
-    assert sorted(page.figures["fig-schedules"]["trace_points"]).count(21) == 4
+    # One schedule line per trial (one point a step: equal-FLOP trials differ in steps) besides the 2 recorded circles.
+    assert sorted(page.figures["fig-schedules"]["trace_points"])[:4] == [2] * 4
+    assert len([n for n in page.figures["fig-schedules"]["trace_points"] if n > 2]) == 4
     metric = json.loads((experiment / "args.json").read_text()).get("metric", "val_psnr")
     assert {"val_probe_acc": "held-out linear-probe accuracy", "val_psnr": "held-out PSNR (dB)"}[metric] in page.text
     # each scheduler's best-trial references (references.json) drawn as lines, and the caption says whose they are

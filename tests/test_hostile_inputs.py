@@ -120,6 +120,12 @@ CASES = [
     Case("train-gpus-without-gpus", ("lmd", "train", "--workers", "2", "--gpus-per-worker", "1", "--dataset",
                                      "synthetic"), "--workers=2 x --gpus-per-worker=1: this machine has 0 GPUs", 2),
     Case("cluster-port-not-a-number", ("cluster/local_cluster.sh", "stop", "6390;x"), "PORT=6390;x", 2),
+    # ---- outputs never replace inputs
+    Case("dashboard-out-over-its-results", ("analysis/dashboard.py", "exp", "--out", "exp/results.parquet"),
+         "inside the experiment's own files", 2, lambda d: write_experiment(d / "exp")),
+    Case("dashboard-out-over-another-file", ("analysis/dashboard.py", "exp", "--out", "notes.txt"),
+         "exists and is not an HTML page", 2,
+         lambda d: (write_experiment(d / "exp"), (d / "notes.txt").write_text("mine\n"))),
     # ---- secrets: a credential in a URI is refused, and never shown back (SECRET below must appear nowhere)
     Case("ablation-storage-credentials", ("tune/ablation.py", "--storage", f"s3://KEY:{SECRET}@bucket/x"),
          "--storage=s3://bucket/x", 2),

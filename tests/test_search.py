@@ -274,3 +274,21 @@ def test_a_search_killed_during_its_finalists_resumes_each_trial_once(tmp_path):
     record = json.loads((experiment / "finalists.json").read_text())
     assert all(r["n"] == 2 for r in record["finalists"])
     assert len([p for p in experiment.iterdir() if p.is_dir() and p.name.count("_s0_")]) == 2  # search: 2 trials
+
+
+def test_the_progress_lines_match_the_results_table_and_stay_bounded(search_run):
+    import re
+
+    proc, experiment = search_run
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("search: trials", "finalists: trials"))]
+    search_lines = [line for line in lines if line.startswith("search:")]
+    # Not a terminal: one line per trial's end (plus the run's end) and at most one per 30 s between them.
+    assert 4 <= len(search_lines) <= 4 + 1 + 60
+    last = re.match(r"search: trials (\d+)/(\d+) finished, (\d+) running; ([\d.]+) of ([\d.]+) TFLOP", search_lines[-1])
+    assert last, search_lines[-1]
+    table = pd.read_parquet(experiment / "results.parquet")
+    spent = table.sort_values("step").groupby("trial_id")["train_flops"].last().sum() / 1e12
+    assert int(last[1]) == int(last[2]) == table["trial_id"].nunique() and int(last[3]) == 0
+    assert float(last[4]) == pytest.approx(spent, abs=0.006) and float(last[5]) == pytest.approx(spent, abs=0.006)
+    final = [line for line in lines if line.startswith("finalists:")][-1]
+    assert re.match(r"finalists: trials 4/4 finished, 0 running", final), final

@@ -47,6 +47,7 @@ from lmd.experiments.driver import (
     usage_errors,
     write_results,
 )
+from lmd.experiments.progress import ProgressDisplay
 from lmd.experiments.summary import BASELINE, TARGET_METRICS, format_summary, summarize
 from lmd.experiments.trial import TrialBase, concurrent_trials, trial_dirname
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         check_start(exp, vars(args), EXPERIMENT_ARGS)  # a free folder, or a resume of the same experiment
         plan = plan_ablation(ablation, exp)  # stores, steps per variant, the trials and their references
     print(format_budget(plan.budget), flush=True)
+    planned_each = sum(v["train_tflops"] for v in plan.budget["variants"].values()) / len(plan.budget["variants"])
 
     def new_tuner(trainable: type[tune.Trainable]) -> tune.Tuner:
         return tune.Tuner(
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(exp.placement()),
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage_path,
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=0))
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                      callbacks=[ProgressDisplay("ablation", len(plan.trials), planned_each)]))
 
     results = fit(exp, new_tuner, vars(args), records=plan.records())  # restores the Tuner with --resume
     table = write_results(results, exp)

@@ -80,6 +80,7 @@ from lmd.experiments.finalists import (
     pareto_record,
     seed_spread,
 )
+from lmd.experiments.progress import ProgressDisplay
 from lmd.experiments.results import REFERENCES_FILE, ShrinkingResults, tidy_table, write_table
 from lmd.experiments.search import (
     JOURNAL_FILE,
@@ -95,6 +96,7 @@ from lmd.experiments.search import (
     source_configs,
 )
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec, concurrent_trials, trial_dirname
+from lmd.flops import run_flops
 from lmd.io import read_json_object, write_json_atomic
 
 PROG = "search"
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         paper = paper_config(fixed, budget, args.evals)  # planned now: a budget too small for it is refused here
     print(f"budget: {budget.amount:g} {budget.unit} per trial (--budget-by {budget.by}); the paper's configuration "
           f"trains {paper.run.steps} steps in it", flush=True)
+    planned_each = run_flops(paper) / 1e12  # every trial plans about this (its own steps spend the same budget)
     metrics: str | list[str] = [args.metric, ENCODER_COST] if args.objectives else args.metric
     modes: str | list[str] = [MODE, "min"] if args.objectives else MODE
 
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.samples,
                                         max_concurrent_trials=concurrent_trials(placement),
                                         trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage_path, verbose=0))
+            run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage_path, verbose=0,
+                                      callbacks=[ProgressDisplay("search", args.samples, planned_each, args.metric)]))
 
     with experiment_session(exp, vars(args)):
         results = run_tuner(exp.storage_path, exp.name, new_search, PROG)  # restored with --resume
@@ -290,7 +294,9 @@ def run_finalists(exp: ExperimentSpec, plan: tuple[list[Finalist], dict[str, Any
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(placement),
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=FINALISTS_RUN, storage_path=str(exp.folder),
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=0))
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                      callbacks=[ProgressDisplay("finalists", len(trials),
+                                                                 run_flops(trials[0].cfg) / 1e12)]))
 
     results = run_tuner(str(exp.folder), FINALISTS_RUN, new_grid, PROG)
     table = tidy_table(results, devices_per_trial=exp.devices_per_trial)

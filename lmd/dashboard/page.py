@@ -28,11 +28,12 @@ from plotly.offline import get_plotlyjs
 from lmd.dashboard import figures, finalists, search_figures, spend
 from lmd.dashboard.load import Experiment, ResultsError, load_experiment
 from lmd.experiments.summary import TARGET_METRICS, no_target, summarize, verdicts
-from lmd.io import write_text_atomic
+from lmd.io import replaces_only, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 DASHBOARD_FILE = "dashboard.html"
+HTML_MAGIC = b"<!DOCTYPE html>"  # how every page this module writes starts: the only kind it may replace
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
        padding: 16px 24px; color: #222; }
@@ -352,6 +353,21 @@ def render_dashboard(results: str | Path, out: str | Path | None = None) -> Path
     """Write the experiment's dashboard (default: <experiment>/dashboard.html); returns its path."""
     exp = load_experiment(results)
     path = Path(out) if out is not None else exp.root / DASHBOARD_FILE
+    check_output(path, exp.root)
+    html_text = render_html(exp)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, render_html(exp))
+    write_text_atomic(path, html_text)
     return path
+
+
+def check_output(path: Path, experiment: Path) -> None:
+    """An output never replaces an input: inside the experiment folder only its own dashboard.html may be written,
+    and nowhere an existing file that is not an HTML page (ResultsError naming the path)."""
+    target, root = path.expanduser().resolve(), experiment.resolve()
+    if target.is_relative_to(root) and target != root / DASHBOARD_FILE:
+        raise ResultsError(f"--out {path}: inside the experiment's own files ({experiment}); write the page elsewhere, "
+                           f"or to {experiment / DASHBOARD_FILE}")
+    try:
+        replaces_only(target, HTML_MAGIC, "an HTML page")
+    except FileExistsError as err:
+        raise ResultsError(f"--out {path}: {str(err).split(': ', 1)[1]}") from None

@@ -31,7 +31,8 @@ from lmd.experiments.results import final_rows
 OBJECTIVES = {"val_probe_acc": "held-out linear-probe accuracy", "val_psnr": "held-out PSNR (dB)"}
 LEGACY_METRIC = "val_psnr"  # what a search maximised before it recorded --metric in args.json
 # What a search samples, as the results table's columns, in the parallel coordinates' order (the objective last).
-SAMPLED = ("scheduler", "mask_end", "mask_start", "mask_ramp", "depth", "decoder_depth", "lr")
+# The results table's columns of what a search samples (`peak_lr`: the sampled learning rate; `lr` is the step's).
+SAMPLED = ("scheduler", "mask_end", "mask_start", "mask_ramp", "depth", "decoder_depth", "peak_lr")
 SECOND_OBJECTIVES = {"encoder_gflops": "encoder GFLOP per image (inference, all patches visible)"}
 FRONT_COLOR, NOISE_COLOR = "#1f77b4", "#d62728"
 
@@ -210,10 +211,8 @@ def objective_flops_figure(table: pd.DataFrame, metric: str, label: str, budget_
 
 
 def sampled_columns(table: pd.DataFrame) -> list[str]:
-    """The sampled values the table holds. Before results schema 4 (no depth column) 'lr' was the learning rate at
-    the row's step, not the sampled one, so it is left out."""
-    schema4 = "depth" in table and bool(pd.to_numeric(table["depth"], errors="coerce").notna().any())
-    return [c for c in SAMPLED if c in table and table[c].notna().any() and (c != "lr" or schema4)]
+    """The sampled values the table holds (tables before results schema 4 hold neither depths nor peak_lr)."""
+    return [c for c in SAMPLED if c in table and table[c].notna().any()]
 
 
 def _dimension(name: str, values: pd.Series) -> dict[str, Any]:
@@ -226,7 +225,7 @@ def _dimension(name: str, values: pd.Series) -> dict[str, Any]:
     if name in ("depth", "decoder_depth"):
         ticks = sorted(numbers.dropna().unique())
         return {"label": name, "values": numbers, "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
-    if name == "lr":
+    if name == "peak_lr":
         logs = np.log10(numbers)
         ticks = np.linspace(logs.min(), logs.max(), 4) if logs.max() > logs.min() else [logs.min()]
         return {"label": "lr (log scale)", "values": logs, "tickvals": list(ticks),
