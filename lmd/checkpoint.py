@@ -96,35 +96,43 @@ def set_aside(path: Path, reason: str) -> Path:
 
 
 def resume_point(root: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict, dict] | None:
-    """The newest checkpoint that verifies, loaded: (folder, state, manifest); None when there is none at all.
+    """The newest checkpoint that verifies, loaded: (folder, state, manifest); None when there is nothing at all.
 
-    Says loudly what it skips and why: a newer checkpoint that fails verification, or a step folder
-    without a manifest (an interrupted write or prune, or an edit), is renamed aside
-    (`<name>.rejected-corrupt`, `<name>.rejected-unverified`), so a resumed run that reaches its
-    step never overwrites bytes it did not write; unknown entries are reported and left alone.
+    Says loudly what it skips and why. Only once a checkpoint verifies is anything moved: what is newer
+    than it and was skipped (a checkpoint that fails verification, or a step folder without a manifest:
+    an interrupted write or prune, or an edit) is renamed aside (`<name>.rejected-corrupt`,
+    `<name>.rejected-unverified`), so the resumed run never overwrites bytes it did not write. When none
+    verifies, the refusal leaves every folder exactly as it found it, so the next --resume refuses
+    again instead of starting over. A folder that holds only what an earlier resume set aside is refused
+    too: starting from step 0 there would look like a resume. Unknown entries are reported and left alone.
     """
     scan = scan_checkpoints(root)
+    set_aside_before = [p for p in scan.unknown if ".rejected-" in p.name]
     for path in scan.unknown:
-        log.warning("%s: not a checkpoint of this run (expected step_NNNNNNNN folders); ignored", path)
-    for path in scan.unverified:
-        moved = set_aside(path, "rejected-unverified")
-        log.warning("%s: has no %s (an interrupted write or prune, or an edit): not used, kept as %s", path,
-                    MANIFEST_FILE, moved.name)
-    failures = []
+        if path not in set_aside_before:
+            log.warning("%s: not a checkpoint of this run (expected step_NNNNNNNN folders); ignored", path)
+    failures: list[tuple[Path, str]] = []
     for path in reversed(scan.complete):
         try:
             state, manifest = load_checkpoint(path, map_location=map_location)
         except CheckpointError as err:
-            moved = set_aside(path, "rejected-corrupt")
-            log.warning("not resuming from %s: %s; kept as %s, trying the previous checkpoint", path.name, err,
-                        moved.name)
-            failures.append(str(err))
+            failures.append((path, str(err)))
             continue
+        step = int(path.name[len(_PREFIX):])
+        for bad, why in failures:  # newer than the one resumed from: the run will write these steps again
+            log.warning("not resuming from %s: %s; kept as %s", bad.name, why, set_aside(bad, "rejected-corrupt").name)
+        for bad in scan.unverified:
+            if int(bad.name[len(_PREFIX):]) > step:
+                log.warning("%s: has no %s (an interrupted write or prune, or an edit): not used, kept as %s", bad,
+                            MANIFEST_FILE, set_aside(bad, "rejected-unverified").name)
         return path, state, manifest
     if scan.unverified or scan.complete:  # there was something to resume from, and none of it verifies
-        newest = failures[0] if failures else f"{scan.unverified[-1]}: no {MANIFEST_FILE}"
-        raise CheckpointError(f"no checkpoint under {root} verifies (newest: {newest}); each is kept, renamed "
-                              "*.rejected-*: nothing to resume from; restore one, or start a new --run-dir")
+        newest = failures[0][1] if failures else f"{scan.unverified[-1]}: no {MANIFEST_FILE}"
+        raise CheckpointError(f"no checkpoint under {root} verifies (newest: {newest}); nothing was changed: restore "
+                              "one, or start a new --run-dir")
+    if set_aside_before:
+        raise CheckpointError(f"{root}: holds only checkpoints set aside earlier ({set_aside_before[-1].name}); "
+                              "nothing to resume from: restore one (rename it back), or start a new --run-dir")
     return None
 
 

@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmd.io import has_credentials, shown_uri
 from lmd.options import option
 
 SCHEDULERS = ("uniform", "piecewise", "cosine", "constant")
+CREDENTIALS_REFUSED = ("credentials in the URI are refused (they would be saved with the run and shown in messages); "
+                       "set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or use an instance "
+                       "role")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes
@@ -195,9 +199,7 @@ class DataConfig:
         # A URI (s3://...) is checked when the run opens it: that needs the network and credentials. It is saved
         # with the run (config.json, checkpoints), so it must not carry credentials.
         uri = "://" in self.latents and not self.latents.startswith("file://")
-        _require(not uri or "@" not in self.latents.split("://", 1)[1].split("/", 1)[0], "data.latents",
-                 "<a URI with credentials>", "credentials in the URI would be saved with the run; set them in the "
-                 "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or use an instance role")
+        _require(not has_credentials(self.latents), "data.latents", shown_uri(self.latents), CREDENTIALS_REFUSED)
         _require(not self.latents or uri or Path(self.latents.removeprefix("file://")).is_dir(), "data.latents",
                  self.latents, "no such directory (make one with `lmd precompute`)")
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be > 0")
@@ -306,6 +308,8 @@ class ClusterConfig:
                               "(each worker trains an equal slice of the global batch)")
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures={self.max_failures}: must be >= 0")
+        if has_credentials(self.storage):
+            raise ConfigError(f"--storage={shown_uri(self.storage)}: {CREDENTIALS_REFUSED}")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "mask": MaskConfig, "optim": OptimConfig,

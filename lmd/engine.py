@@ -332,7 +332,10 @@ class Engine:
         run, total = self.cfg.run, self.cfg.run.steps
         end = min(total, stop_at) if stop_at is not None else total
         pending: list[torch.Tensor] = []  # losses not yet read back from the device
-        last_loss, last_ckpt = float("nan"), latest_checkpoint(self.checkpoint_root)
+        # A run resumed at its end trains no step: its final loss is the last one it recorded.
+        last_loss = next((float(r["loss_last"]) for r in reversed(self.history) if r.get("loss_last") is not None),
+                         math.nan)
+        last_ckpt = latest_checkpoint(self.checkpoint_root)
         started = time.perf_counter() - self.wall_offset
         # Training FLOPs so far (model matmuls, global batch): a pure function of (config, step), the
         # deterministic axis that equal-compute comparisons use.

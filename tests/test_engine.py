@@ -312,6 +312,35 @@ def test_resume_takes_the_newest_verified_checkpoint_and_keeps_what_it_skips(tmp
     assert latest_checkpoint(root).name == "step_00000020"
 
 
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_a_resume_with_no_checkpoint_that_verifies_refuses_and_changes_nothing_so_it_refuses_again(tmp_path):
+    root = _two_checkpoints(tmp_path)
+    for step in ("step_00000005", "step_00000010"):
+        _flip_byte(root / step / "state.pt")
+    before = _tree(tmp_path)
+    for _ in range(2):  # the second --resume must not find a clean folder and start from step 0
+        with pytest.raises(CheckpointError, match="no checkpoint under .* verifies.*nothing was changed"):
+            local_engine(tiny_config(**{"run.ckpt_every": 5}), tmp_path).fit(resume=True)
+        assert _tree(tmp_path) == before
+
+
+def test_a_run_holding_only_checkpoints_set_aside_is_not_restarted_from_step_0(tmp_path):
+    root = _two_checkpoints(tmp_path)
+    for step in ("step_00000005", "step_00000010"):
+        (root / step).rename(root / f"{step}.rejected-corrupt")
+    with pytest.raises(CheckpointError, match="holds only checkpoints set aside earlier"):
+        local_engine(tiny_config(**{"run.ckpt_every": 5}), tmp_path).fit(resume=True)
+
+
+def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
+    first = local_engine(tiny_config(), tmp_path).fit()
+    again = local_engine(tiny_config(), tmp_path).fit(resume=True)
+    assert again.step == first.step == 20 and again.final_loss == pytest.approx(first.final_loss)
+
+
 def test_unknown_entries_and_bad_metrics_lines_do_not_block_resume(tmp_path, caplog):
     root = _two_checkpoints(tmp_path)
     shutil.copytree(root / "step_00000010", root / "step_00000010.bak")  # a user's backup copy

@@ -129,6 +129,10 @@ CASES = [
     # ---- secrets: a credential in a URI is refused, and never shown back (SECRET below must appear nowhere)
     Case("ablation-storage-credentials", ("tune/ablation.py", "--storage", f"s3://KEY:{SECRET}@bucket/x"),
          "--storage=s3://bucket/x", 2),
+    Case("train-storage-credentials", ("lmd", "train", "--dataset", "synthetic", "--workers", "2", "--storage",
+                                       f"s3://KEY:{SECRET}@bucket/x"), "--storage=s3://bucket/x", 2),
+    Case("train-latents-credentials", ("lmd", "train", "--latents", f"s3://KEY:{SECRET}@bucket/x"),
+         "data.latents='s3://bucket/x'", 2),
     Case("search-storage-credentials", ("tune/search.py", "--storage", f"s3://KEY:{SECRET}@bucket/x"),
          "--storage s3://bucket/x", 2),
 ]

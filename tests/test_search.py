@@ -21,6 +21,7 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 
 from lmd.experiments.budget import Budget
+from lmd.experiments.early_stopping import ScheduleFairASHA, with_clock
 from lmd.experiments.finalists import (
     FINALIST_SEED0,
     PAPER,
@@ -33,8 +34,8 @@ from lmd.experiments.finalists import (
     pareto_record,
     verdict,
 )
-from lmd.experiments.search import PLANNED, ScheduleFairASHA, finalist_trials, with_clock
-from lmd.experiments.trial import Placement, TrialBase, TrialSpec
+from lmd.experiments.search import finalist_trials
+from lmd.experiments.trial import PLANNED_FLOPS, Placement, TrialBase, TrialSpec
 from lmd.flops import run_flops, step_flops
 from tests.conftest import SMALL_DATA, tune_script
 
@@ -78,7 +79,7 @@ def _trial(trial_id: str, scheduler: str) -> _Trial:
 
 
 def _row(value: float, spent: float, ratio: float = 0.75, end: float = 0.75) -> dict:
-    return {"val_psnr": value, "train_flops": spent * 1e12, PLANNED: 1e12, "mask_ratio": ratio, "mask_end": end}
+    return {"val_psnr": value, "train_flops": spent * 1e12, PLANNED_FLOPS: 1e12, "mask_ratio": ratio, "mask_end": end}
 
 
 def test_rungs_are_in_training_flops_and_compare_within_a_scheduler_once_its_ramp_has_ended():

@@ -43,7 +43,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
 
-from lmd.config import ConfigError, TrainConfig
+from lmd.config import ConfigError
 from lmd.config_build import build_config
 from lmd.entry import EXIT_RUNTIME, fail
 from lmd.experiments.budget import BUDGET_BY_HELP, BUDGET_HELP, BUDGET_UNITS, Budget
@@ -58,46 +58,33 @@ from lmd.experiments.driver import (
     usage_errors,
     write_results,
 )
+from lmd.experiments.early_stopping import ScheduleFairASHA
 from lmd.experiments.finalists import (
     ENCODER_COST,
     FINALISTS_FILE,
-    FINALISTS_PLAN_FILE,
     FINALISTS_RESULTS_FILE,
     FINALISTS_RUN,
-    IMPORTANCES_FILE,
-    PAPER,
-    PARETO_FILE,
     Finalist,
-    choose_finalists,
     finalist_seeds,
     finalists_record,
-    format_finalists,
-    format_importances,
-    format_pareto,
-    importances_record,
     json_safe,
-    parameter_effects,
-    pareto_record,
-    seed_spread,
 )
 from lmd.experiments.progress import ProgressDisplay
-from lmd.experiments.results import REFERENCES_FILE, ShrinkingResults, tidy_table, write_table
+from lmd.experiments.results import ShrinkingResults, tidy_table, write_table
 from lmd.experiments.search import (
     JOURNAL_FILE,
     ResumableOptunaSearch,
-    ScheduleFairASHA,
     budgeted,
     check_search,
     finalist_trials,
     paper_config,
-    reference_report,
+    plan_finalists,
+    report,
     search_base,
-    search_references,
-    source_configs,
 )
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec, concurrent_trials, trial_dirname
 from lmd.flops import run_flops
-from lmd.io import read_json_object, write_json_atomic
+from lmd.io import write_json_atomic
 
 PROG = "search"
 METRICS = ("val_psnr", "val_probe_acc")  # both: higher is better
@@ -242,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         table = write_results(results, exp)
         record = None
         if args.finalists and not table.empty:
-            finalists = plan_finalists(exp, results, table, args, paper)
+            finalists = plan_finalists(exp.folder, results, table, args.metric, args.finalists, paper)
             record = run_finalists(exp, finalists, args, placement)
     if not table.empty:  # the answer first, then how it was reached
-        report(exp, results, table, record, args)
+        report(exp, results, table, record, args.metric, args.objectives)
     print(f"Optuna study: {exp.folder / JOURNAL_FILE}")
     code = finish(results, table, exp, pick="best", metric=args.metric)  # each scheduler's best trial's pictures
     if record is not None and record.get("failed_trials"):
@@ -253,27 +240,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return code or 1
     return code
-
-
-def plan_finalists(exp: ExperimentSpec, results: Any, table: Any, args: argparse.Namespace,
-                   paper: Any) -> tuple[list[Finalist], dict[str, Any]]:
-    """The finalists and their configurations: chosen from the search's table, or, on --resume, the ones a killed
-    driver chose (FINALISTS_PLAN_FILE, written before their first trial)."""
-    path = exp.folder / FINALISTS_PLAN_FILE
-    if path.is_file():
-        saved = read_json_object(path, "the finalist plan", ValueError)
-        finalists = [Finalist.from_dict(f) for f in saved["finalists"]]
-        configs = {name: TrainConfig.from_dict(raw) for name, raw in saved["configs"].items()}
-        return finalists, configs
-    chosen = choose_finalists(table, args.metric, args.finalists)
-    configs = {**source_configs(results, chosen), PAPER: paper}
-    params = {"scheduler": "cosine", "mask_start": paper.mask.start, "mask_end": paper.mask.end,
-              "mask_ramp": paper.mask.ramp, "depth": paper.model.depth, "decoder_depth": paper.model.decoder_depth,
-              "lr": paper.optim.lr}
-    finalists = [*chosen, Finalist(PAPER, None, None, None, params)]
-    write_json_atomic(path, {"finalists": [f.to_dict() for f in finalists],
-                             "configs": {name: cfg.to_dict() for name, cfg in configs.items()}})
-    return finalists, configs
 
 
 def run_finalists(exp: ExperimentSpec, plan: tuple[list[Finalist], dict[str, Any]], args: argparse.Namespace,
@@ -313,56 +279,6 @@ def run_finalists(exp: ExperimentSpec, plan: tuple[list[Finalist], dict[str, Any
         record["failed_trials"] = len(errors)
     write_json_atomic(exp.folder / FINALISTS_FILE, json_safe(record))
     return record
-
-
-def report(exp: ExperimentSpec, results: Any, table: Any, record: dict[str, Any] | None,
-           args: argparse.Namespace) -> None:
-    """Print (and write) the answer first, then the front, importances and each scheduler's best search trial."""
-    if record is not None:
-        print(format_finalists(record))
-    else:
-        print("answer: none: no finalist phase (--finalists 0); the search trials below are one seed each, picked "
-              "on the split they are scored on")
-    if args.objectives:
-        pareto = pareto_record(table, args.metric)
-        write_json_atomic(exp.folder / PARETO_FILE, json_safe(pareto))
-        print(format_pareto(pareto))
-    importances = study_importances(exp, args.metric, args.objectives)
-    effects = parameter_effects(table, args.metric)
-    imp = importances_record(importances, effects, args.metric, trials=finished_count(table, args.metric),
-                             evaluator="FanovaImportanceEvaluator",
-                             seed_spread=seed_spread(record) if record is not None else None)
-    write_json_atomic(exp.folder / IMPORTANCES_FILE, json_safe(imp))
-    print(format_importances(imp))
-    references = search_references(results, table, args.metric)  # on the selection half, for each best trial
-    write_json_atomic(exp.folder / REFERENCES_FILE, {"references": references})
-    print("\n".join(reference_report(table, args.metric, references)))
-
-
-def finished_count(table: Any, metric: str) -> int:
-    from lmd.experiments.results import complete_trials
-
-    done, _ = complete_trials(table)
-    return int(done.dropna(subset=[metric])["trial_id"].nunique())
-
-
-def study_importances(exp: ExperimentSpec, metric: str, objectives: bool) -> dict[str, float]:
-    """fANOVA importances of the parameters every trial has, over the study's completed trials ({} with fewer than
-    two, or when fANOVA cannot fit them)."""
-    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-
-    try:
-        journal = JournalStorage(JournalFileBackend(str(exp.folder / JOURNAL_FILE)))
-        study = optuna.load_study(study_name=exp.name, storage=journal)
-        complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(complete) < 2:
-            return {}
-        shared = sorted(set.intersection(*(set(t.params) for t in complete)))
-        return dict(get_param_importances(study, params=shared, evaluator=FanovaImportanceEvaluator(seed=0),
-                                          target=(lambda t: t.values[0]) if objectives else None))
-    except (RuntimeError, ValueError, KeyError) as err:  # e.g. all trials with one value: nothing to attribute
-        print(f"importances: not computed ({type(err).__name__}: {err})")
-        return {}
 
 
 if __name__ == "__main__":

@@ -206,6 +206,10 @@ def answer(record: Mapping[str, Any]) -> str:
               if column == metric and best["beats"].get(reference) == "no"]
     if missed:
         sentence = f"the search's best configuration does not beat {', '.join(missed)}; " + sentence
+    for other in sorted({column for column, _, _ in JUDGED} - {metric}):  # the other measure, said too
+        names = [name for column, reference, name in JUDGED if column == other and best["beats"].get(reference) == "no"]
+        if names:
+            sentence += f"; on {other} it does not beat {', '.join(names)}"
     return sentence
 
 

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-PLANNED_KEY = "planned_flops"  # each trial's planned training FLOPs (lmd.experiments.trial.trial_tags)
+from lmd.experiments.trial import PLANNED_FLOPS
 
 
 class ProgressDisplay(Callback):
@@ -71,8 +71,8 @@ class ProgressDisplay(Callback):
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any):
         if result.get("train_flops") is not None:
             self.done_flops[trial.trial_id] = float(result["train_flops"])
-        if result.get(PLANNED_KEY) is not None:
-            self.planned[trial.trial_id] = float(result[PLANNED_KEY])
+        if result.get(PLANNED_FLOPS) is not None:
+            self.planned[trial.trial_id] = float(result[PLANNED_FLOPS])
         self._show(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,19 +21,41 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from lmd.config import ConfigError, TrainConfig
 from lmd.config_build import build_config
 from lmd.experiments.budget import Budget, with_steps
 from lmd.experiments.driver import ExperimentSpec, build_stores
-from lmd.experiments.finalists import Finalist, finalist_seeds
+from lmd.experiments.finalists import (
+    FINALISTS_PLAN_FILE,
+    IMPORTANCES_FILE,
+    PAPER,
+    PARETO_FILE,
+    Finalist,
+    choose_finalists,
+    finalist_seeds,
+    format_finalists,
+    format_importances,
+    format_pareto,
+    importances_record,
+    json_safe,
+    parameter_effects,
+    pareto_record,
+    seed_spread,
+)
 from lmd.experiments.pictures import representative_trials
-from lmd.experiments.results import final_rows, reference_columns, stopped_short, trial_id_of
+from lmd.experiments.results import (
+    REFERENCES_FILE,
+    complete_trials,
+    final_rows,
+    reference_columns,
+    stopped_short,
+    trial_id_of,
+)
 from lmd.experiments.summary import beats
 from lmd.experiments.trial import Placement, TrialBase, TrialSpec
-from lmd.io import shown_uri
+from lmd.io import read_json_object, shown_uri, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -115,107 +136,6 @@ def source_configs(results: Any, finalists: Sequence[Finalist]) -> dict[str, Tra
             raise ConfigError(f"finalist {f.name}: its search trial {f.source_trial} has no config in the results")
         out[f.name] = TrialSpec.from_dict(by_trial[f.source_trial]).cfg
     return out
-
-
-SPENT = "budget_spent"  # the rungs' clock: the fraction of its own training FLOPs a trial has spent
-PLANNED = "planned_flops"  # a trial's planned training FLOPs (trial_tags): SPENT's denominator
-
-
-class ScheduleFairASHA(FIFOScheduler):
-    """ASHA (asynchronous successive halving) fair to mask-ratio curricula.
-
-    - Rungs are in training FLOPs: the clock is the fraction of its planned FLOPs a trial has spent
-      (equal FLOPs across trials under --budget-by flops; depth and schedule change the FLOPs of a step,
-      so a clock in steps would compare a deep trial at 3x the compute of a shallow one).
-    - A trial is compared only with trials of its own scheduler type, and only at rungs it reaches
-      after its ramp has ended (its mask ratio at its final one): evaluated at the final ratio, a
-      curriculum still mid-ramp looks worse than it will be, and would be stopped for being mid-ramp.
-    - Rungs at `grace`, `grace * rf`, ... of the budget; at each, a trial below the rung's top 1/rf stops.
-    Each scheduler type gets its own ASHA bracket (Ray's, unchanged), fed the SPENT clock.
-    """
-
-    def __init__(self, metric: str, mode: str, grace: float, reduction_factor: float = 2.0) -> None:
-        super().__init__()
-        self._metric, self._mode = metric, mode
-        self._grace, self._rf = grace, reduction_factor
-        self._groups: dict[str, ASHAScheduler] = {}
-        self._group_of: dict[str, str] = {}
-
-    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        return True  # metric and mode are given at construction
-
-    def _asha(self, group: str) -> ASHAScheduler:
-        if group not in self._groups:
-            self._groups[group] = ASHAScheduler(time_attr=SPENT, metric=self._metric, mode=self._mode, max_t=1.0,
-                                                grace_period=self._grace, reduction_factor=self._rf)
-        return self._groups[group]
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        group = str(trial.config.get("trial", {}).get("variant", ""))
-        self._group_of[trial.trial_id] = group
-        self._asha(group).on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        if trial.trial_id not in self._group_of:
-            return TrialScheduler.CONTINUE
-        asha = self._asha(self._group_of[trial.trial_id])
-        clocked = with_clock(result)
-        if clocked is None:
-            if mid_ramp(result):
-                self._exempt(asha, trial.trial_id, result)
-            return TrialScheduler.CONTINUE
-        with warnings.catch_warnings():  # a rung whose every record is an exemption (NaN) has no cutoff: no stop
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return asha.on_trial_result(tune_controller, trial, clocked)
-
-    @staticmethod
-    def _exempt(asha: ASHAScheduler, trial_id: str, result: Mapping[str, Any]) -> None:
-        """A trial mid-ramp at a rung is never judged at that rung: it is recorded there as NaN (ASHA's cutoff is a
-        nanpercentile, so NaN counts for no one). Without this, ASHA would judge it at that rung with its value at
-        a later evaluation, more trained than the values it is compared with. Reads ASHA's bracket bookkeeping
-        (`_trial_info`, `_rungs`); tests/test_search.py checks the behaviour against Ray's own brackets."""
-        bracket = asha._trial_info.get(trial_id)
-        spent = result["train_flops"] / result[PLANNED] * (1 + 1e-9)
-        for milestone, recorded in getattr(bracket, "_rungs", []):
-            if spent >= milestone and trial_id not in recorded:
-                recorded[trial_id] = math.nan
-
-    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
-        group = self._group_of.pop(trial.trial_id, None)
-        if group is None:
-            return
-        asha = self._asha(group)
-        clocked = with_clock(result)
-        if clocked is not None:
-            asha.on_trial_complete(tune_controller, trial, clocked)
-        else:
-            asha._trial_info.pop(trial.trial_id, None)  # what ASHA's own on_trial_remove does
-
-    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-        group = self._group_of.pop(trial.trial_id, None)
-        if group is not None:
-            self._asha(group)._trial_info.pop(trial.trial_id, None)
-
-    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
-        self.on_trial_remove(tune_controller, trial)
-
-
-CLOCK_FIELDS = ("train_flops", PLANNED, "mask_ratio", "mask_end")
-
-
-def mid_ramp(result: Mapping[str, Any]) -> bool:
-    """Whether a report is from a curriculum still below its final mask ratio."""
-    return all(result.get(k) is not None for k in CLOCK_FIELDS) and result["mask_ratio"] < result["mask_end"] - 1e-6
-
-
-def with_clock(result: Mapping[str, Any]) -> dict[str, Any] | None:
-    """`result` with the rungs' clock (SPENT) when it may be judged at a rung: an evaluation of a trial whose ramp
-    has ended. None otherwise (a row without the clock's fields, or a curriculum still mid-ramp)."""
-    if any(result.get(k) is None for k in CLOCK_FIELDS) or mid_ramp(result):
-        return None
-    # A hair over: an evaluation at k/E of the FLOPs is placed within float rounding of it, and ASHA compares a rung
-    # only once the clock reaches it (a rung missed by 1e-12 would be judged at the next evaluation instead).
-    return {**result, SPENT: result["train_flops"] / result[PLANNED] * (1 + 1e-9)}
 
 
 TUNE_TRIAL_ATTR = "tune_trial_id"  # user attribute: which Tune trial an Optuna trial was asked for
@@ -353,3 +273,73 @@ def reference_report(table: pd.DataFrame, metric: str, references: list[dict[str
 def _shown(numbers: dict[str, float], column: str, fmt: str) -> str:
     number = numbers.get(column, math.nan)
     return "-" if math.isnan(number) else format(number, fmt)
+
+
+def plan_finalists(folder: Path, results: Any, table: pd.DataFrame, metric: str, count: int,
+                   paper: TrainConfig) -> tuple[list[Finalist], dict[str, TrainConfig]]:
+    """The finalists and their configurations: the `count` best of the search's table and the paper's, or, on
+    --resume, the ones a killed driver chose (FINALISTS_PLAN_FILE, written before their first trial)."""
+    path = folder / FINALISTS_PLAN_FILE
+    if path.is_file():
+        saved = read_json_object(path, "the finalist plan", ConfigError)
+        try:
+            return ([Finalist.from_dict(f) for f in saved["finalists"]],
+                    {name: TrainConfig.from_dict(raw) for name, raw in saved["configs"].items()})
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ConfigError(f"{path}: not a finalist plan ({type(err).__name__}: {err}); remove it to choose the "
+                              "finalists again from the search's results") from None
+    chosen = choose_finalists(table, metric, count)
+    configs = {**source_configs(results, chosen), PAPER: paper}
+    params = {"scheduler": paper.mask.scheduler, "mask_start": paper.mask.start, "mask_end": paper.mask.end,
+              "mask_ramp": paper.mask.ramp, "depth": paper.model.depth, "decoder_depth": paper.model.decoder_depth,
+              "lr": paper.optim.lr}
+    finalists = [*chosen, Finalist(PAPER, None, None, None, params)]
+    write_json_atomic(path, {"finalists": [f.to_dict() for f in finalists],
+                             "configs": {name: cfg.to_dict() for name, cfg in configs.items()}})
+    return finalists, configs
+
+
+def report(exp: ExperimentSpec, results: Any, table: pd.DataFrame, record: dict[str, Any] | None, metric: str,
+           objectives: bool) -> None:
+    """Print (and write) the answer first, then the front, the importances and each scheduler's best search trial
+    next to its references."""
+    if record is not None:
+        print(format_finalists(record))
+    else:
+        print("answer: none: no finalist phase (--finalists 0); the search trials below are one seed each, picked "
+              "on the split they are scored on")
+    if objectives:
+        pareto = pareto_record(table, metric)
+        write_json_atomic(exp.folder / PARETO_FILE, json_safe(pareto))
+        print(format_pareto(pareto))
+    done, _ = complete_trials(table)
+    imp = importances_record(study_importances(exp, objectives), parameter_effects(table, metric), metric,
+                             trials=int(done.dropna(subset=[metric])["trial_id"].nunique()),
+                             evaluator="FanovaImportanceEvaluator",
+                             seed_spread=seed_spread(record) if record is not None else None)
+    write_json_atomic(exp.folder / IMPORTANCES_FILE, json_safe(imp))
+    print(format_importances(imp))
+    references = search_references(results, table, metric)  # on the selection half, for each best trial
+    write_json_atomic(exp.folder / REFERENCES_FILE, {"references": references})
+    print("\n".join(reference_report(table, metric, references)))
+
+
+def study_importances(exp: ExperimentSpec, objectives: bool) -> dict[str, float]:
+    """fANOVA importances of the parameters every trial has, over the study's completed trials (on the first
+    objective); {} with fewer than two, or when fANOVA cannot fit them (e.g. every trial has one value)."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        journal = JournalStorage(JournalFileBackend(str(exp.folder / JOURNAL_FILE)))
+        study = optuna.load_study(study_name=exp.name, storage=journal)
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) < 2:
+            return {}
+        shared = sorted(set.intersection(*(set(t.params) for t in complete)))
+        return dict(get_param_importances(study, params=shared, evaluator=FanovaImportanceEvaluator(seed=0),
+                                          target=(lambda t: t.values[0]) if objectives else None))
+    except (RuntimeError, ValueError, KeyError) as err:
+        print(f"importances: not computed ({type(err).__name__}: {err})")
+        return {}

@@ -29,6 +29,8 @@ from typing import Any
 from lmd.checkpoint import adopt_checkpoint
 from lmd.config import PRESETS, ConfigError, TrainConfig, dataset_projector
 
+# A tag on every row: the trial's planned training FLOPs (early stopping's clock and the progress display read it).
+PLANNED_FLOPS = "planned_flops"
 TRIAL_DRIVER_CPUS = 0.01  # a multi-worker trial only drives its TorchTrainer (Ray refuses 0)
 TRIAL_SPEC_VERSION = 2  # "version" in TrialSpec.to_dict(): a config of another shape is refused by name
 # Version 1 specs are read too: the same shape, but their trials always loaded the store into memory, so a
@@ -191,7 +193,7 @@ def trial_tags(spec: TrialSpec) -> dict[str, Any]:
             "total_steps": cfg.run.steps, "patch_size": cfg.model.patch_size, "tokens": cfg.model.num_patches,
             "depth": cfg.model.depth, "decoder_depth": cfg.model.decoder_depth, "peak_lr": cfg.optim.lr,
             "encoder_gflops": encoder_flops_per_sample(cfg.model) / 1e9, "devices": float(where.gpus or where.cpus),
-            "planned_flops": run_flops(cfg)}  # the early-stopping rungs' denominator (lmd.experiments.search)
+            PLANNED_FLOPS: run_flops(cfg)}
 
 
 def run_trial(config: dict[str, Any]) -> None:
