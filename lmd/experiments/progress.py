@@ -93,7 +93,8 @@ class ProgressDisplay(Callback):
             self._bar.close()
 
     def _show(self, trials: list[Any], force: bool = False) -> None:
-        running = sum(1 for t in trials if getattr(t, "status", "") == "RUNNING")
+        ended = self.finished | self.failed  # Tune reports a trial's end before its status leaves RUNNING
+        running = sum(1 for t in trials if getattr(t, "status", "") == "RUNNING" and t.trial_id not in ended)
         if self.stream.isatty():
             if self._bar is None:
                 from tqdm import tqdm
