@@ -244,6 +244,9 @@ def test_search_writes_finalists_a_front_and_importances(search_run):
     pareto = json.loads((experiment / "pareto.json").read_text())
     finished = search.sort_values("step").groupby("trial_id").tail(1)
     assert len(pareto["front"]) + len(pareto["others"]) == (finished["step"] == finished["total_steps"]).sum()
+    points = pd.DataFrame(pareto["front"] + pareto["others"])
+    on_front = pareto_front(points, [("val_psnr", "max"), ("encoder_gflops", "min")])
+    assert on_front.tolist() == [True] * len(pareto["front"]) + [False] * len(pareto["others"])
     importances = json.loads((experiment / "importances.json").read_text())
     assert importances["objective"] == "val_psnr" and importances["importances"]
 

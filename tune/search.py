@@ -43,7 +43,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
 
-from lmd.config import ConfigError
+from lmd.config import SCHEDULERS, ConfigError
 from lmd.config_build import build_config
 from lmd.entry import EXIT_RUNTIME, fail
 from lmd.experiments.budget import BUDGET_BY_HELP, BUDGET_HELP, BUDGET_UNITS, Budget
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         check_start(exp, vars(args), EXPERIMENT_ARGS)  # a free folder, or a resume of the same search
         placement = exp.placement()
         fixed = search_base(base, placement, args.metric)  # builds the store
-        schedulers = ("uniform", "piecewise", "cosine") + (("constant",) if args.include_constant else ())
+        # Every curriculum; the constant schedule (MAE's) only when asked for.
+        schedulers = tuple(s for s in SCHEDULERS if s != "constant" or args.include_constant)
         space = SearchSpace(fixed, placement, budget, args.evals, schedulers=schedulers,
                             end_range=tuple(args.end_range), depth_range=tuple(args.depth_range),
                             decoder_depth_range=tuple(args.decoder_depth_range), lr_range=tuple(args.lr_range))
