@@ -102,14 +102,37 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _check_acyclic(value: Any, path: Path, inside: tuple[int, ...] = ()) -> None:
-    """A YAML alias can make a value contain itself (`a: &a [*a]`); refuse that instead of recursing forever."""
-    if not isinstance(value, dict | list):
-        return
-    if id(value) in inside:
-        raise ConfigError(f"config file {path}: a recursive YAML alias (a value that contains itself)")
-    for child in value.values() if isinstance(value, dict) else value:
-        _check_acyclic(child, path, (*inside, id(value)))
+MAX_CONFIG_VALUES = 100_000  # a config has tens of values; nested YAML aliases can expand to billions
+
+
+def _check_acyclic(value: Any, path: Path) -> None:
+    """Refuse a value that contains itself through a YAML alias (`a: &a [*a]`), or whose aliases expand to more
+    than MAX_CONFIG_VALUES values (`b: [*a, *a, ...]` nested: a few hundred bytes that expand to billions), in
+    time linear in the distinct values: each is visited once, and its expanded size is remembered by identity."""
+    size: dict[int, int] = {}  # id -> expanded number of values, once a value is done
+    visiting: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:  # iterative: a deep nesting must not hit Python's recursion limit either
+        node, done = stack.pop()
+        if not isinstance(node, dict | list) or (id(node) in size and not done):
+            continue
+        children = [c for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, dict | list)]
+        if done:
+            visiting.discard(id(node))
+            total = 1 + len(node) + sum(size[id(c)] for c in children)
+            if total > MAX_CONFIG_VALUES:
+                raise ConfigError(f"config file {path}: its YAML aliases expand to more than {MAX_CONFIG_VALUES:,} "
+                                  "values (nested aliases); a config has tens")
+            size[id(node)] = total
+            continue
+        if id(node) in visiting:
+            raise ConfigError(f"config file {path}: a recursive YAML alias (a value that contains itself)")
+        visiting.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in visiting:
+                raise ConfigError(f"config file {path}: a recursive YAML alias (a value that contains itself)")
+            stack.append((child, False))
 
 
 def build_config(

@@ -78,6 +78,10 @@ CASES = [
          lambda d: (d / "c.yaml").write_bytes(b"run: {steps: 5}\n\xff\xfe\n")),
     Case("config-recursive-alias", ("lmd", "train", "--config", "c.yaml"), "recursive YAML alias", 2,
          lambda d: (d / "c.yaml").write_text("model: &m {depth: *m}\n")),
+    Case("config-alias-bomb", ("lmd", "train", "--config", "c.yaml"), "expand to more than 100,000 values", 2,
+         lambda d: (d / "c.yaml").write_text("".join(
+             f"{n}: &{n} [{', '.join([f'*{p}' if p else '1'] * 9)}]\n"
+             for p, n in zip(["", *"abcdefgh"], "abcdefghi", strict=False)) + "model: {depth: *i}\n")),
     Case("config-list-preset", ("lmd", "train", "--config", "c.yaml"), "model.preset=['tiny', 'small']", 2,
          lambda d: (d / "c.yaml").write_text("model: {preset: [tiny, small]}\n")),
     Case("config-list-dataset", ("lmd", "train", "--config", "c.yaml"), "data.dataset=['a']", 2,
