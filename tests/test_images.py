@@ -81,3 +81,18 @@ def test_a_decompression_bomb_is_one_error_naming_the_file(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4,096 pixels is > 2x the limit: PIL refuses it
     with pytest.raises(ImageSourceError, match=f"{path}: not a readable image"):
         load_rgb(path)
+
+
+def test_16_bit_greyscale_is_rescaled_by_its_depth_and_32_bit_is_refused_by_name(tmp_path):
+    from lmd.data.images import load_rgb
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    pixels = load_rgb(tmp_path / "g16.png")
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8
+    # Clipping at 255 (PIL's convert) would make almost every pixel white; rescaled, the ramp keeps its range.
+    assert (pixels == 255).float().mean() < 0.01 and abs(pixels.float().mean().item() - 127.5) < 1.0
+    assert torch.equal(pixels[0], torch.from_numpy(np.round(ramp / 65535 * 255).astype(np.uint8)))
+    Image.fromarray(ramp.astype(np.int32) * 1000).save(tmp_path / "g32.tif")
+    with pytest.raises(ImageSourceError, match=r"g32.tif: a 32-bit integer greyscale image"):
+        load_rgb(tmp_path / "g32.tif")

@@ -186,13 +186,33 @@ def test_a_streamed_run_resumes_at_the_same_data_position(ray_session, pixel_sto
                                                  resumed.model.state_dict().values(), strict=True))
 
 
-def finished_within(seconds: float, fit):
-    """fit() in a thread: a run whose reads wait forever for a CPU fails the test instead of hanging the suite."""
+def _newest_change(folder: Path) -> float:
+    """The newest modification time under `folder` (0 when empty); files renamed away meanwhile are skipped."""
+    newest = 0.0
+    for path in folder.rglob("*") if folder.exists() else []:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+    return newest
+
+
+def finished_within(watch: Path, fit, stall: float = 600.0):
+    """fit() in a thread, failing the test (instead of hanging the suite) when the run stops making progress: no
+    file under `watch` (its storage: checkpoints, results) changed for `stall` seconds, as when its reads wait
+    forever for a CPU. A busy machine only slows the writes down, so it does not trip this; a hang does."""
     outcome: list = []
     thread = threading.Thread(target=lambda: outcome.append(fit()), daemon=True)
     thread.start()
-    thread.join(timeout=seconds)
-    assert not thread.is_alive(), f"still running after {seconds:g} s: its reads found no CPU?"
+    last_change = time.monotonic()
+    newest = 0.0
+    while thread.is_alive():
+        thread.join(timeout=2.0)
+        latest = _newest_change(watch)
+        if latest > newest:
+            newest, last_change = latest, time.monotonic()
+        assert time.monotonic() - last_change < stall, (
+            f"no file under {watch} changed for {stall:g} s: the run stopped making progress (its reads found no CPU?)")
     return outcome[0]
 
 
@@ -201,7 +221,7 @@ def test_two_workers_streaming_their_lanes_compute_the_single_process_update(ray
     # group, and had they asked for a CPU they would wait forever for one outside it (`reader_options`).
     cfg = pixel_config(pixel_store, **{"run.steps": 16})
     cluster = ClusterConfig(workers=2, cpus_per_worker=2, storage=str(tmp_path / "ray"), name="stream2")
-    result = finished_within(240, lambda: fit_distributed(cfg, cluster))
+    result = finished_within(tmp_path / "ray", lambda: fit_distributed(cfg, cluster))
     assert result.error is None, result.error
     engine = local_engine(cfg, tmp_path / "local")
     engine.fit()
@@ -289,7 +309,7 @@ def test_a_tune_trial_reserving_every_cpu_streams_its_store_as_a_plain_run_does(
     spec = TrialSpec("lmd_cosine", cfg, Placement(cpus=4))
     tuner = tune.Tuner(tune.with_resources(run_trial, trial_resources), param_space={"trial": spec.to_dict()},
                        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="streamed"))
-    (result,) = finished_within(240, tuner.fit)
+    (result,) = finished_within(tmp_path / "tune", tuner.fit)
     assert result.error is None, result.error
     engine = local_engine(cfg, tmp_path / "plain")
     engine.fit()

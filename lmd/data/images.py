@@ -94,10 +94,27 @@ def load_rgb(path: Path) -> torch.Tensor:
     """An image file as uint8 [3, H, W]; names the file when it is not a readable image."""
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = _as_rgb8(im, path)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:  # a bomb is not an OSError
         raise ImageSourceError(f"{path}: not a readable image ({str(err).splitlines()[0]})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+# PIL modes of more than 8 bits per sample, and their full scale: `convert("RGB")` clips these at 255 instead of
+# rescaling (a 16-bit greyscale PNG became 99.6% white), so they are rescaled here by their bit depth.
+WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535}
+
+
+def _as_rgb8(im: Image.Image, path: Path) -> np.ndarray:
+    """[H, W, 3] uint8 of an opened image: 8-bit modes through PIL's conversion, 16-bit greyscale rescaled from
+    its full range; 32-bit integer and float greyscale (no bit depth recorded in the file) are refused by name."""
+    if im.mode in WIDE_MODES:
+        grey = np.asarray(im, dtype=np.float64) / WIDE_MODES[im.mode]
+        return np.repeat(np.round(grey * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode in ("I", "F"):
+        raise ImageSourceError(f"{path}: a {'32-bit integer' if im.mode == 'I' else 'floating-point'} greyscale "
+                               f"image (PIL mode {im.mode!r}) has no known full scale; convert it to 8 or 16 bits")
+    return np.asarray(im.convert("RGB"))
 
 
 @cache
