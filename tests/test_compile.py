@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 def test_the_experiment_scripts_pass_compile_to_every_trial(script):
     module = tune_script(script)
     args = module.parse_args(["--compile", "--compile-mode", "reduce-overhead"])
-    _, spec = module.experiment(args)
+    spec = module.experiment(args)[1]  # the ablation's AblationSpec, the search's TrialBase
     base = spec.base if script == "ablation" else spec
     assert (base.compile, base.compile_mode) == (True, "reduce-overhead")
     overrides = base.overrides("cpu")

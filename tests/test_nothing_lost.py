@@ -66,7 +66,7 @@ def test_a_results_table_that_would_shrink_is_refused_and_the_old_one_kept(tmp_p
 
 def test_an_interrupted_experiment_exits_preempted_writes_nothing_final_and_resumes(tmp_path):
     args = [sys.executable, str(REPO / "tune" / "ablation.py"), "--variants", "pixel_mae", "--seeds", "2", *SMALL_RUN,
-            "--budget", "150", "--storage", str(tmp_path)]  # long enough that the interrupt lands mid-run
+            "--budget", "600", "--evals", "6", "--storage", str(tmp_path)]  # the interrupt lands mid-run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     experiment, deadline = tmp_path / "ablation", time.monotonic() + 300

@@ -322,7 +322,7 @@ def test_the_search_takes_a_precomputed_store_and_both_scripts_a_loader():
     from .test_experiments import tune_script
 
     search = tune_script("search")
-    _, base = search.experiment(search.parse_args(["--latents", "s3://bucket/stores/imagenet", "--loader", "ray"]))
+    _, base, _ = search.experiment(search.parse_args(["--latents", "s3://bucket/stores/imagenet", "--loader", "ray"]))
     overrides = base.overrides("cuda")
     assert (overrides["data.latents"], overrides["data.loader"]) == ("s3://bucket/stores/imagenet", "ray")
     ablation = tune_script("ablation")

@@ -291,9 +291,9 @@ def build_panels(exp: Experiment) -> list[Panel]:
             raise ResultsError(f"{exp.root / 'args.json'}: target_metric {target_metric!r} is not one of "
                                f"{', '.join(TARGET_METRICS)}")
         summary = summarize(table, figures.BASELINE, target_metric, exp.references)
+    if summary is not None and not summary.empty:  # an ablation's answer (verdicts, speed-up) before its curves
+        answer = summary_panels(exp, summary)
     panels = answer + curve_panels(exp, summary)
-    if summary is not None and not summary.empty:
-        panels += summary_panels(exp, summary)
     panels.append(Panel("schedules", "Mask-ratio schedules",
                         "The ratio of hidden patches over training for each variant (easy → hard); circles are the "
                         "ratios recorded in the results (each report records its last step's ratio).",

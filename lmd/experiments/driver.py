@@ -317,7 +317,8 @@ def unfinished_trials(run: Path) -> int:
     """Trials that Tune's last saved state of `run` has neither finished nor failed. Read from the file because
     after a Ctrl-C Tune saves that state, then marks every trial it stops TERMINATED in memory: the ResultGrid
     would count an interrupted trial as finished."""
-    states = sorted(run.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # The newest by the start time in its name: a restored run writes a file of its own, and may touch the old one.
+    states = sorted(run.glob("experiment_state-*.json"))
     if not states:
         return 0
     try:
