@@ -44,7 +44,7 @@ from lmd.entry import (
     local_ray,
 )
 from lmd.experiments.results import ARGS_FILE, RESULTS_FILE, ShrinkingResults, tidy_table, write_table
-from lmd.experiments.trial import Placement, check_placement, run_trial, trial_resources
+from lmd.experiments.trial import TRIAL_DRIVER_CPUS, Placement, check_placement, run_trial, trial_resources
 from lmd.io import read_json_object, shown_uri, storage_uri, write_json_atomic
 from lmd.locks import Lock, LockedError, check_free, hold
 
@@ -261,7 +261,11 @@ def experiment_session(exp: ExperimentSpec, flags: Mapping[str, Any],
     try:
         check_free(exp.lock_path, f"experiment {exp.folder}")  # refused before Ray starts, if it can be
         init_ray(exp.address, log_to_driver=False)
-        need = {"CPU": (f"--cpus-per-trial={exp.cpus_per_trial:g}", exp.cpus_per_trial),
+        # A multi-worker trial holds its driver's sliver of a CPU beside its workers' CPUs: both must fit, or its
+        # Train workers wait for ever for a CPU the driver holds.
+        driver = TRIAL_DRIVER_CPUS if exp.workers_per_trial > 1 else 0.0
+        need = {"CPU": (f"--cpus-per-trial={exp.cpus_per_trial:g}" + (" (+ the trial's driver)" if driver else ""),
+                        exp.cpus_per_trial + driver),
                 "GPU": (f"--gpus-per-trial={exp.gpus_per_trial:g}", exp.gpus_per_trial)}
         warning = check_cluster_resources(need, exp.address, "one trial")
         if warning:
