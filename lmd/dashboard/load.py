@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from lmd.config import SCHEDULERS
+from lmd.experiments.finalists import FINALISTS_FILE, IMPORTANCES_FILE, PARETO_FILE, VERDICTS
 from lmd.experiments.results import (
     CONFIG_COLUMNS,
     ID_COLUMNS,
@@ -33,9 +34,6 @@ RESULTS_FILE = "results.parquet"
 JOURNAL_FILE = "optuna.journal"
 # lmd.experiments.finalists' file names, spelt out: the dashboard reads what the search wrote, whatever that module
 # (which imports scipy's statistics and the search's writers) becomes.
-FINALISTS_FILE = "finalists.json"
-PARETO_FILE = "pareto.json"
-IMPORTANCES_FILE = "importances.json"
 # Schema 4 (+ depth, decoder_depth, the sampled lr and encoder_gflops) is read whatever this checkout writes: the
 # dashboard must open a newer search's table while the writer's SCHEMA_VERSION is still 3.
 READS_SCHEMA = max(SCHEMA_VERSION, 4)
@@ -52,7 +50,6 @@ REFERENCE_NAMES = ("fill", "ceiling", "raw_probe", "random_probe")
 ARG_TYPES: dict[str, type | tuple[type, ...]] = {"name": str, "target_metric": str, "metric": str, "variants": list,
                                                  "samples": int, "budget_by": str, "budget": (int, float),
                                                  "objectives": bool}
-VERDICTS = ("better", "worse", "not separable")  # a finalist against the paper's configuration
 NUMBER = (int, float)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
