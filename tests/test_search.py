@@ -107,6 +107,16 @@ def test_rungs_are_in_training_flops_and_compare_within_a_scheduler_once_its_ram
     assert asha.on_trial_result(None, _trial("k3", "cosine"), _row(10.0, 0.5)) == stop
 
 
+def test_a_trial_is_never_stopped_at_its_last_report_it_ends_by_itself():
+    # Ray's ASHA stops a trial at max_t; a stopped multi-worker trial left its Train workers' CPUs held.
+    asha = ScheduleFairASHA("val_psnr", "max", grace=0.5)
+    for name in ("a", "b", "c"):
+        asha.on_trial_add(None, _trial(name, "constant"))
+    assert asha.on_trial_result(None, _trial("a", "constant"), _row(15.0, 1.0)) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, _trial("b", "constant"), _row(16.0, 1.0)) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, _trial("c", "constant"), _row(1.0, 1.0)) == TrialScheduler.CONTINUE
+
+
 def test_the_rung_clock_is_flops_not_steps():
     # Two trials at the same step but different FLOPs: only the one that spent half its FLOPs is at the rung.
     deep = _row(9.0, 0.5) | {"step": 100}

@@ -65,6 +65,11 @@ class ScheduleFairASHA(FIFOScheduler):
             if mid_ramp(result):
                 self._exempt(asha, trial.trial_id, result)
             return TrialScheduler.CONTINUE
+        if clocked[SPENT] >= 1.0:
+            # Its last report: the trial ends by itself. Ray's ASHA would STOP it here, which kills a multi-worker
+            # trial's driver while its Train run shuts down, and its workers' CPUs were never given back (the next
+            # multi-worker trial waited for them for ever). Its value reaches ASHA's rungs in on_trial_complete.
+            return TrialScheduler.CONTINUE
         with warnings.catch_warnings():  # a rung whose every record is an exemption (NaN) has no cutoff: no stop
             warnings.simplefilter("ignore", RuntimeWarning)
             return asha.on_trial_result(tune_controller, trial, clocked)
