@@ -83,11 +83,17 @@ def params_of(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def finished_finals(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The last evaluation of every trial that trained to the end of its budget (a trial an early stop cut short has
+    a value at a smaller budget, not a final one)."""
+    final = final_rows(table, metric)
+    return final[[not stopped_short(row) for row in final.to_dict("records")]]
+
+
 def choose_finalists(table: pd.DataFrame, metric: str, k: int) -> list[Finalist]:
     """The `k` best distinct configurations by final `metric` (higher is better), among the search trials that
     trained to the end of their budget (a trial stopped early has a value at a smaller budget)."""
-    final = final_rows(table, metric)
-    final = final[[not stopped_short(row) for row in final.to_dict("records")]]
+    final = finished_finals(table, metric)
     final = final.sort_values([metric, "trial_id"], ascending=[False, True])
     chosen: list[Finalist] = []
     seen: set[str] = set()
@@ -142,8 +148,7 @@ def finalists_record(table: pd.DataFrame, finalists: Sequence[Finalist], metric:
                      references: list[dict[str, Any]], budget: Mapping[str, Any]) -> dict[str, Any]:
     """finalists.json: per configuration its seeds' objective, probe and PSNR with intervals, its references and
     which it beats, its difference to the paper's configuration with a verdict, and the answer in one sentence."""
-    final = final_rows(table, metric)
-    final = final[[not stopped_short(row) for row in final.to_dict("records")]]
+    final = finished_finals(table, metric)
     refs = reference_columns(references).set_index("variant") if references else pd.DataFrame()
     paper_values = final.loc[final["variant"] == PAPER, metric]
     rows = []
@@ -262,8 +267,7 @@ def pareto_front(points: pd.DataFrame, objectives: Sequence[tuple[str, str]]) ->
 
 def pareto_record(table: pd.DataFrame, metric: str) -> dict[str, Any]:
     """pareto.json: the search trials that finished their budget, split into the front and the dominated."""
-    final = final_rows(table, metric)
-    final = final[[not stopped_short(row) for row in final.to_dict("records")]]
+    final = finished_finals(table, metric)
     objectives = [(metric, "max"), (ENCODER_COST, "min")]
     on_front = pareto_front(final, objectives) if len(final) else pd.Series(dtype=bool)
     points = [{"trial_id": str(r["trial_id"]), "params": params_of(r), metric: float(r[metric]),
@@ -287,8 +291,7 @@ def parameter_effects(table: pd.DataFrame, metric: str) -> dict[str, float]:
     """Per sampled parameter, the spread (max - min) of the mean final `metric` across its levels, in the metric's
     units, over the search trials that finished their budget: categories and integers level by value, continuous
     parameters by terciles. Comparable with the finalists' seed spread, unlike a normalised importance."""
-    final = final_rows(table, metric)
-    final = final[[not stopped_short(row) for row in final.to_dict("records")]]
+    final = finished_finals(table, metric)
     effects = {}
     for name, col in PARAMS.items():
         if col not in final or final[col].isna().all():
