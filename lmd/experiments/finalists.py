@@ -225,7 +225,8 @@ def format_finalists(record: Mapping[str, Any]) -> str:
     lines = [f"answer: {record['answer']}",
              f"finalists: {len(record['seeds'])} fresh seeds each ({', '.join(map(str, record['seeds']))}), the "
              f"full budget, scored on the held-out half the search did not select on (mean ± 95% CI):",
-             f"{'configuration':<16}{'search':>8}{'PSNR dB':>16}{'fill':>7}{'probe':>16}{'random enc':>18}"
+             f"{'configuration':<16}{'search':>8}{'PSNR dB':>16}{'fill':>7}{'ceiling':>8}"
+             f"{'probe':>16}{'random enc':>18}"
              f"  {'vs paper (' + metric + ')':<36}params"]
     for r in record["finalists"]:
         ref, vs = r["references"], r["vs_paper"]
@@ -234,6 +235,7 @@ def format_finalists(record: Mapping[str, Any]) -> str:
             f"{vs['diff']:+{fmt}} [{vs['lo']:+{fmt}}, {vs['hi']:+{fmt}}] {vs['verdict']}"
             if not math.isnan(vs["lo"]) else f"{vs['diff']:+{fmt}} {vs['verdict']}")
         lines.append(f"{r['name']:<16}{search:>8}{_pm(r['val_psnr'], '.2f'):>16}{_num(ref, 'fill_psnr', '.2f'):>7}"
+                     f"{_num(ref, 'ceiling_psnr', '.2f'):>8}"
                      f"{_pm(r['val_probe_acc'], '.3f'):>16}"
                      f"{_num(ref, 'random_probe_acc', '.3f') + ' ± ' + _num(ref, 'random_probe_acc_ci95', '.3f'):>18}"
                      f"  {versus:<36}{_describe(r['params'])}")
